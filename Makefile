@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_HOME ?= $(CURDIR)/.mserve-demo
+
+.PHONY: demo test install clean demo-stop completions
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+
+# Deploy the example iris classifier, predict, list. State lives in .mserve-demo/
+# (MSERVE_HOME); stop the daemon with `make demo-stop`.
+demo: install
+	@export MSERVE_HOME=$(DEMO_HOME); set -e; \
+	$(BIN)/mserve daemon start; \
+	$(BIN)/mserve deploy examples/iris/model.onnx --name iris; \
+	echo; echo '$$ mserve predict iris examples/iris/input.json'; \
+	$(BIN)/mserve predict iris examples/iris/input.json; \
+	echo; echo '$$ mserve list'; \
+	$(BIN)/mserve list; \
+	echo; echo "Try: MSERVE_HOME=$(DEMO_HOME) $(BIN)/mserve --help   (stop it: make demo-stop)"
+
+demo-stop:
+	MSERVE_HOME=$(DEMO_HOME) $(BIN)/mserve daemon stop
+
+test: install
+	$(BIN)/python -m pytest -q
+
+completions: install
+	$(BIN)/python tests/gen_completions.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

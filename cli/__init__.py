@@ -1,0 +1,1 @@
+"""The mserve command line: thin commands over the daemon's control API."""

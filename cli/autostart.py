@@ -1,0 +1,62 @@
+"""Check, then start, then explain: reach the daemon, starting it when it is not running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from mserve.cli.client import DaemonClient, DaemonUnavailable
+from mserve.daemon import paths as paths_mod
+from mserve.daemon.errors import MserveError
+
+START_TIMEOUT_S = float(os.environ.get("MSERVE_START_TIMEOUT", "60"))
+EXIT_ALREADY_RUNNING = 3
+
+
+def client(autostart: bool = True) -> DaemonClient:
+    """A client of a running daemon; starts one unless ``MSERVE_NO_AUTOSTART=1``."""
+    paths = paths_mod.resolve()
+    c = DaemonClient(str(paths.socket))
+    try:
+        c.status(timeout=START_TIMEOUT_S)
+        return c
+    except DaemonUnavailable:
+        pass
+    if not autostart or os.environ.get("MSERVE_NO_AUTOSTART") == "1":
+        raise MserveError("the mserve daemon is not running",
+                          hint=f"start it with 'mserve daemon start' (log: {paths.daemon_log})")
+    start(paths)
+    return c
+
+
+def start(paths: paths_mod.Paths) -> int:
+    """Start the daemon in the background and wait until it answers; its pid."""
+    paths_mod.ensure_private_dir(paths.home)
+    paths_mod.ensure_private_dir(paths.logs)
+    with open(paths.daemon_log, "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mserve.daemon"], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log, start_new_session=True)
+    c = DaemonClient(str(paths.socket))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            return c.status(timeout=max(0.1, deadline - time.monotonic()))["pid"]
+        except DaemonUnavailable:
+            pass
+        code = proc.poll()
+        if code is not None and code != EXIT_ALREADY_RUNNING:
+            raise MserveError(f"the daemon failed to start: {_last_line(paths.daemon_log)}",
+                              hint=f"see the log: {paths.daemon_log}")
+        time.sleep(0.05)
+    raise MserveError(f"the daemon did not answer within {START_TIMEOUT_S:.0f} s",
+                      hint=f"see the log: {paths.daemon_log}")
+
+
+def _last_line(path) -> str:
+    try:
+        lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1].removeprefix("Error: ") if lines else "no log"

@@ -1,0 +1,145 @@
+"""The typed client of the daemon's control API, and a minimal HTTP/1.1 client.
+
+The CLI reaches the daemon only through ``DaemonClient``; ``check`` is the one place that
+turns an error answer into an exception carrying the server's message. Stdlib only (no
+http.client, no httpx) so that ``mserve list`` starts fast.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from urllib.parse import quote, urlsplit
+
+from mserve.daemon.errors import MserveError, error_for_status
+
+
+class DaemonUnavailable(MserveError):
+    """Nothing answers on the control socket."""
+
+
+def http(sock: socket.socket, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None, host: str = "localhost") -> tuple[int, dict, bytes]:
+    """One request on a connected socket (closed afterwards): (status, headers, body)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close",
+             f"Content-Length: {len(body or b'')}"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        chunks = []
+        while chunk := sock.recv(1 << 16):
+            chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    if not status_line.startswith("HTTP/"):
+        raise MserveError("the server sent a malformed answer")
+    answer_headers = {}
+    for line in header_lines:
+        key, _, value = line.partition(":")
+        answer_headers[key.strip().lower()] = value.strip()
+    if answer_headers.get("transfer-encoding", "").lower() == "chunked":
+        payload = _dechunk(payload)
+    return int(status_line.split()[1]), answer_headers, payload
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, pos = [], 0
+    while True:
+        end = data.index(b"\r\n", pos)
+        size = int(data[pos:end].split(b";")[0], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(data[end + 2:end + 2 + size])
+        pos = end + 2 + size + 2
+
+
+def check(status: int, payload: bytes):
+    """The decoded JSON answer, or the server's error as an exception."""
+    try:
+        data = json.loads(payload) if payload else None
+    except ValueError:
+        data = None
+    if 200 <= status < 300:
+        return data
+    if isinstance(data, dict) and "error" in data:
+        raise error_for_status(status, str(data["error"]), data.get("hint"))
+    raise error_for_status(status, f"the server answered HTTP {status}")
+
+
+class DaemonClient:
+    """One method per control route."""
+
+    def __init__(self, socket_path: str, timeout: float | None = 600):
+        self.socket_path, self.timeout = socket_path, timeout
+
+    def _connect(self, timeout: float | None) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.socket_path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise DaemonUnavailable("the mserve daemon is not running") from None
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnavailable(f"cannot reach the daemon at {self.socket_path}: "
+                                    f"{exc.strerror or exc}") from None
+        return sock
+
+    def call(self, method: str, path: str, payload: dict | None = None,
+             timeout: float | None = -1):
+        timeout = self.timeout if timeout == -1 else timeout
+        body = json.dumps(payload).encode() if payload is not None else None
+        sock = self._connect(timeout)
+        try:
+            status, _, data = http(sock, method, path, body,
+                                   {"Content-Type": "application/json"} if body else None)
+        except socket.timeout:
+            raise MserveError("the daemon did not answer in time") from None
+        except OSError as exc:
+            raise DaemonUnavailable(f"lost the connection to the daemon: {exc}") from None
+        return check(status, data)
+
+    def status(self, timeout: float | None = -1) -> dict:
+        return self.call("GET", "/v1/status", timeout=timeout)
+
+    def deployments(self) -> list[dict]:
+        return self.call("GET", "/v1/deployments")
+
+    def deployment(self, name: str) -> dict:
+        return self.call("GET", f"/v1/deployments/{quote(name, safe='')}")
+
+    def deploy(self, request: dict) -> dict:
+        return self.call("POST", "/v1/deployments", request)
+
+    def rollback(self, name: str, to: int | None) -> dict:
+        return self.call("POST", f"/v1/deployments/{quote(name, safe='')}/rollback", {"to": to})
+
+    def undeploy(self, name: str) -> dict:
+        return self.call("DELETE", f"/v1/deployments/{quote(name, safe='')}")
+
+    def versions(self, name: str) -> list[dict]:
+        return self.call("GET", f"/v1/deployments/{quote(name, safe='')}/versions")
+
+    def events(self, name: str | None = None) -> list[dict]:
+        query = f"?name={quote(name, safe='')}" if name else ""
+        return self.call("GET", f"/v1/events{query}")
+
+    def shutdown(self) -> dict:
+        return self.call("POST", "/v1/shutdown", {})
+
+
+def request_url(url: str, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None, timeout: float = 60):
+    """A request to a deployment's port (for ``predict``): (status, headers, body)."""
+    parts = urlsplit(url)
+    try:
+        sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+    except OSError as exc:
+        raise MserveError(f"cannot reach {url}: {exc.strerror or exc}") from None
+    try:
+        return http(sock, method, path, body, headers, host=parts.netloc)
+    except OSError as exc:
+        raise MserveError(f"lost the connection to {url}: {exc}") from None
+

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mserve.cli import autostart
+from mserve.cli.render import JsonOption, emit_json, say
+from mserve.daemon.errors import MserveError
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def deploy(
+    path: Annotated[Path, typer.Argument(help="An .onnx file, or a folder holding model.onnx "
+                                              "and its external-data files.", show_default=False)],
+    name: Annotated[Optional[str], typer.Option(
+        "--name", "-n", help="Deployment name (default: the file's stem).")] = None,
+    port: Annotated[Optional[int], typer.Option(
+        min=1, max=65535, help="Port for a new deployment (default: a free one).")] = None,
+    host: Annotated[Optional[str], typer.Option(
+        help="Address to bind (default 127.0.0.1).")] = None,
+    device: Annotated[Optional[Device], typer.Option(
+        help="auto tries CUDA and falls back to the CPU.")] = None,
+    max_batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Largest dynamic batch.")] = None,
+    batch_delay_ms: Annotated[Optional[float], typer.Option(
+        min=0, help="How long to wait to fill a batch.")] = None,
+    instances: Annotated[Optional[int], typer.Option(
+        min=1, max=64, help="ONNX Runtime sessions per version.")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        help="Require 'Authorization: Bearer TOKEN' on every route but health.")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(
+        help="Read the token from this file.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Deploy a model, or a new version of a deployment, with no failed request.
+
+    Example: mserve deploy examples/iris/model.onnx --name iris
+    """
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise MserveError(f"cannot read token file '{token_file}': {exc.strerror}") from None
+    request = {"path": str(path.expanduser().absolute()), "name": name, "port": port,
+               "host": host, "device": device.value if device else None,
+               "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
+               "instances": instances, "token": token}
+    answer = autostart.client().deploy(request)
+    if json_out:
+        emit_json(answer)
+        return
+    d = answer["deployment"]
+    if not answer["changed"]:
+        say(f"{answer['name']} is already at version {answer['version']} with identical "
+            f"bytes; nothing changed ({d['url']})")
+        return
+    say(f"Deployed {answer['name']} version {answer['version']} at {d['url']} "
+        f"(device {d['device']})")

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mserve.cli import autostart
+from mserve.cli.render import JsonOption, ago, emit_json, human_size, table
+
+
+def versions(
+    name: Annotated[str, typer.Argument(help="Deployment name.", show_default=False)],
+    json_out: JsonOption = False,
+) -> None:
+    """Show every version of a deployment and its state.
+
+    Example: mserve versions iris
+    """
+    rows = autostart.client().versions(name)
+    if json_out:
+        emit_json(rows)
+        return
+    table(["version", "state", "sha256", "size", "created", "source"],
+          [[v["version"], v["state"], v["sha256"][:12], human_size(v["size"]), ago(v["created"]),
+            v["source"]] for v in rows])

@@ -1,0 +1,68 @@
+"""The mserve command line: the Typer app and its one error boundary.
+
+Start-up stays light: no numpy, onnxruntime or uvicorn here (a test checks ``sys.modules``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from mserve.cli.commands import daemon, deploy, listing, predict, rollback, undeploy, versions
+from mserve.daemon.errors import MserveError
+
+HELP = """Serve ONNX models on this machine over the Open Inference Protocol.
+
+Deploy a model and it answers on its own port, for Triton and KServe clients:
+
+  mserve deploy model.onnx --name recs
+  mserve predict recs input.json
+  mserve list
+"""
+
+app = typer.Typer(name="mserve", help=HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode="rich",
+                  context_settings={"help_option_names": ["-h", "--help"]})
+app.command("deploy", rich_help_panel="Deployments")(deploy.deploy)
+app.command("list", rich_help_panel="Deployments")(listing.list_)
+app.command("versions", rich_help_panel="Deployments")(versions.versions)
+app.command("rollback", rich_help_panel="Deployments")(rollback.rollback)
+app.command("undeploy", rich_help_panel="Deployments")(undeploy.undeploy)
+app.command("predict", rich_help_panel="Inference")(predict.predict)
+app.add_typer(daemon.app, name="daemon", rich_help_panel="Daemon")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"mserve {version('mserve')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    pass
+
+
+def run() -> None:
+    """Console entry point: user errors become one 'Error:' line and exit 1."""
+    try:
+        app()
+    except MserveError as exc:
+        sys.stderr.write(f"Error: {exc.message}\n")
+        if exc.hint:
+            sys.stderr.write(f"Hint: {exc.hint}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("Error: interrupted\n")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,104 @@
+"""The control API: HTTP over the daemon's private Unix socket, used only by the CLI.
+
+Thin handlers over ``Deployments``; every ``MserveError`` becomes ``{"error": ...}`` with
+its status in one handler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from importlib.metadata import version as dist_version
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from mserve.daemon.deployments import Deployments
+from mserve.daemon.errors import BadRequest, MserveError
+
+log = logging.getLogger("mserve.daemon")
+
+
+def _version() -> str:
+    try:
+        return dist_version("mserve")
+    except Exception:
+        return "0+unknown"
+
+
+def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starlette:
+    started = time.time()
+
+    async def status(request: Request):
+        return JSONResponse({
+            "running": True, "pid": os.getpid(), "socket": socket_path, "version": _version(),
+            "home": str(deployments.paths.home), "uptime_s": round(time.time() - started, 1),
+            "deployments": len(deployments.state.deployments()),
+        })
+
+    async def list_deployments(request: Request):
+        return JSONResponse([deployments.describe(d) for d in deployments.state.deployments()])
+
+    async def get_deployment(request: Request):
+        d = deployments.get(request.path_params["name"])
+        return JSONResponse(deployments.describe(d))
+
+    async def deploy(request: Request):
+        return JSONResponse(await deployments.deploy(await _body(request)))
+
+    async def rollback(request: Request):
+        body = await _body(request)
+        to = body.get("to")
+        if to is not None and (not isinstance(to, int) or isinstance(to, bool)):
+            raise BadRequest("'to' must be a version number")
+        return JSONResponse(await deployments.rollback(request.path_params["name"], to))
+
+    async def undeploy(request: Request):
+        return JSONResponse(await deployments.undeploy(request.path_params["name"]))
+
+    async def versions(request: Request):
+        return JSONResponse(deployments.versions(request.path_params["name"]))
+
+    async def events(request: Request):
+        name = request.query_params.get("name")
+        if name:
+            deployments.get(name)
+        return JSONResponse(deployments.state.events(name, limit=200))
+
+    async def shutdown(request: Request):
+        on_shutdown()
+        return JSONResponse({"stopping": True, "pid": os.getpid()})
+
+    async def error(request: Request, exc: Exception):
+        if isinstance(exc, MserveError):
+            return JSONResponse(exc.to_dict(), status_code=exc.status)
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return JSONResponse({"error": f"internal error in the daemon: {exc}"}, status_code=500)
+
+    routes = [
+        Route("/v1/status", status),
+        Route("/v1/deployments", list_deployments),
+        Route("/v1/deployments", deploy, methods=["POST"]),
+        Route("/v1/deployments/{name}", get_deployment),
+        Route("/v1/deployments/{name}", undeploy, methods=["DELETE"]),
+        Route("/v1/deployments/{name}/rollback", rollback, methods=["POST"]),
+        Route("/v1/deployments/{name}/versions", versions),
+        Route("/v1/events", events),
+        Route("/v1/shutdown", shutdown, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={Exception: error, MserveError: error})
+
+
+async def _body(request: Request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body

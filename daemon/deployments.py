@@ -1,0 +1,319 @@
+"""Deploy, roll back, undeploy and restore: the daemon's operations on deployments.
+
+Each operation takes the deployment's lock (one change per name at a time, names in
+parallel), does the slow work (copy, probe, load) first, and records the outcome in one
+SQLite transaction only after the worker confirmed it. On any failure the state and the
+serving version are what they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from mserve.daemon import state as st
+from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
+from mserve.daemon.paths import Paths, check_name
+from mserve.daemon.state import State
+from mserve.daemon.store import Store
+from mserve.daemon.supervisor import READY, Supervisor
+
+log = logging.getLogger("mserve.daemon")
+DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
+                   "instances": 1, "max_body_mb": 64}
+OPTION_KEYS = tuple(DEFAULT_OPTIONS)
+
+
+def load_timeout() -> float:
+    return float(os.environ.get("MSERVE_LOAD_TIMEOUT", "120"))
+
+
+class Deployments:
+    def __init__(self, paths: Paths, state: State, store: Store, python: str = sys.executable):
+        self.paths, self.state, self.store, self.python = paths, state, store, python
+        self.supervisor = Supervisor(paths.logs, self._on_exit, self._restart, python)
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._reserved_ports: set[int] = set()
+
+    # ---- reads -------------------------------------------------------------------------
+    def describe(self, d: dict) -> dict:
+        """One deployment as ``list`` shows it: state from SQLite, status from the worker."""
+        worker = self.supervisor.get(d["name"])
+        active = self.state.version(d["name"], d["active_version"]) or {}
+        shown_host = "127.0.0.1" if d["host"] in ("0.0.0.0", "::", "") else d["host"]
+        return {
+            "name": d["name"], "version": d["active_version"],
+            "status": worker.status if worker else "loading",
+            "url": f"http://{_url_host(shown_host)}:{d['port']}", "port": d["port"],
+            "host": d["host"], "device": active.get("meta", {}).get("device"),
+            "versions": len(self.state.versions(d["name"])),
+            "pid": worker.pid if worker else None,
+            "restarts": worker.restarts if worker else 0,
+            "error": worker.error if worker else None,
+            "options": d["options"], "auth": d["token_hash"] is not None,
+            "created": d["created"], "updated": d["updated"],
+        }
+
+    def get(self, name: str) -> dict:
+        d = self.state.deployment(name)
+        if d is None:
+            raise NotFound(f"deployment '{name}' not found")
+        return d
+
+    def versions(self, name: str) -> list[dict]:
+        self.get(name)
+        return [_version_view(v) for v in self.state.versions(name)]
+
+    # ---- deploy ------------------------------------------------------------------------
+    async def deploy(self, req: dict) -> dict:
+        source = Path(req.get("path") or "")
+        if not source.is_absolute():
+            raise BadRequest("path must be absolute")
+        name = req.get("name") or _default_name(source)
+        if problem := check_name(name):
+            raise BadRequest(problem)
+        async with self._locks[name]:
+            return await self._deploy(name, source, req)
+
+    async def _deploy(self, name: str, source: Path, req: dict) -> dict:
+        existing = self.state.deployment(name)
+        if existing:
+            _check_same_place(existing, req)
+        artifact = await asyncio.to_thread(self.store.ingest, source)
+        if existing:
+            active = self.state.version(name, existing["active_version"])
+            if active and active["sha256"] == artifact.sha256:
+                return {"changed": False, "name": name, "version": active["number"],
+                        "sha256": artifact.sha256, "deployment": self.describe(existing)}
+        number = self.state.next_version(name)
+        version = {"number": number, "sha256": artifact.sha256, "size": artifact.size,
+                   "source": artifact.source}
+        options = {**(existing or {}).get("options", DEFAULT_OPTIONS),
+                   **{k: req[k] for k in OPTION_KEYS if req.get(k) is not None}}
+        token_hash = _hash_token(req.get("token")) or (existing or {}).get("token_hash")
+        try:
+            if existing:
+                version["meta"] = await self._switch_to_new(existing, version, options,
+                                                            token_hash)
+                self.state.record_deploy(name, version, {**existing, "options": options,
+                                                         "token_hash": token_hash})
+            else:
+                await self._first_deploy(name, version, options, token_hash, req)
+        except DeployFailed as exc:
+            self.state.record_failed(name, version, exc.message)
+            raise
+        d = self.state.deployment(name)
+        return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
+                "deployment": self.describe(d)}
+
+    async def _first_deploy(self, name, version, options, token_hash, req) -> None:
+        host = req.get("host") or "127.0.0.1"
+        port = req.get("port") or self._free_port(host)
+        if port in self.state.used_ports() or port in self._reserved_ports:
+            raise Conflict(f"port {port} is already used by another deployment")
+        self._reserved_ports.add(port)
+        try:
+            d = {"name": name, "host": host, "port": port, "options": options,
+                 "token_hash": token_hash}
+            config = self._config(d, [(version, True)], bind_retry_s=0)
+            event = await self._start_or_fail(name, config)
+            version["meta"] = event["versions"][str(version["number"])]
+            self.state.record_deploy(name, version, d)
+        finally:
+            self._reserved_ports.discard(port)
+
+    async def _start_or_fail(self, name: str, config: dict) -> dict:
+        try:
+            return await self.supervisor.start(name, config, load_timeout())
+        except DeployFailed:
+            self.supervisor.workers.pop(name, None)
+            raise
+
+    async def _switch_to_new(self, d: dict, version: dict, options: dict, token_hash) -> dict:
+        """Probe the new version in a child, load it next to the serving one, swap."""
+        name, path = d["name"], str(self.store.path_of(version["sha256"]))
+        worker = self.supervisor.get(name)
+        old = d["active_version"]
+        if worker is None or worker.status != READY:
+            # Nothing is serving: start the worker on the new version (the old one as standby).
+            await self.supervisor.stop(name, timeout=5)
+            standby = self.state.version(name, old)
+            config = self._config({**d, "options": options, "token_hash": token_hash},
+                                  [(version, True), (standby, False)], bind_retry_s=5)
+            event = await self._start_or_fail(name, config)
+            return event["versions"][str(version["number"])]
+        await self.probe(path, options["device"])
+        reply = await worker.request("load", load_timeout(), number=version["number"],
+                                     path=path, options=options)
+        await worker.request("activate", 10, number=version["number"], keep=[old],
+                             token_hash=token_hash)
+        return reply["meta"]
+
+    async def probe(self, path: str, device: str) -> dict:
+        """Load and warm ``path`` in a short-lived process, bounded in time."""
+        proc = await asyncio.create_subprocess_exec(
+            self.python, "-m", "mserve.daemon.worker.probe", path, device,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        timeout = load_timeout()
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise DeployFailed(f"loading the model took longer than {timeout:.0f} s "
+                               "(MSERVE_LOAD_TIMEOUT); it was stopped") from None
+        lines = out.decode(errors="replace").strip().splitlines()
+        answer = json.loads(lines[-1]) if lines else {}
+        if proc.returncode == 0 and "error" not in answer:
+            return answer
+        if "error" in answer:
+            raise DeployFailed(answer["error"])
+        raise DeployFailed(f"loading the model crashed ONNX Runtime (exit {proc.returncode})"
+                           f"{_last_line(err)}")
+
+    # ---- rollback, undeploy ------------------------------------------------------------
+    async def rollback(self, name: str, to: int | None) -> dict:
+        async with self._locks[name]:
+            d = self.get(name)
+            target = self._rollback_target(d, to)
+            current = d["active_version"]
+            if target["number"] == current:
+                return {"changed": False, "name": name, "version": current,
+                        "deployment": self.describe(d)}
+            await self._activate(d, target)
+            self.state.record_activate(name, target["number"])
+            return {"changed": True, "name": name, "version": target["number"],
+                    "previous": current, "deployment": self.describe(self.get(name))}
+
+    def _rollback_target(self, d: dict, to: int | None) -> dict:
+        name, current = d["name"], d["active_version"]
+        if to is not None:
+            target = self.state.version(name, to)
+            if target is None:
+                raise NotFound(f"version {to} of '{name}' not found")
+            if target["state"] == st.FAILED:
+                raise Conflict(f"version {to} of '{name}' failed to deploy; it cannot be "
+                               "made active")
+            return target
+        older = [v for v in self.state.versions(name)
+                 if v["number"] < current and v["state"] != st.FAILED]
+        if not older:
+            raise Conflict(f"'{name}' has no version before {current} to roll back to")
+        return older[-1]
+
+    async def _activate(self, d: dict, target: dict) -> None:
+        worker = self.supervisor.get(d["name"])
+        number, path = target["number"], str(self.store.path_of(target["sha256"]))
+        if worker is None or worker.status != READY:
+            await self.supervisor.stop(d["name"], timeout=5)
+            current = self.state.version(d["name"], d["active_version"])
+            config = self._config(d, [(target, True), (current, False)], bind_retry_s=5)
+            await self._start_or_fail(d["name"], config)
+            return
+        loaded = (await worker.request("ping", 10))["loaded"]
+        if number not in loaded:
+            await worker.request("load", load_timeout(), number=number, path=path,
+                                 options=d["options"])
+        await worker.request("activate", 10, number=number, keep=[d["active_version"]])
+
+    async def undeploy(self, name: str) -> dict:
+        async with self._locks[name]:
+            d = self.get(name)
+            await self.supervisor.stop(name, timeout=drain_timeout())
+            self.state.delete_deployment(name)
+            return {"name": name, "port": d["port"], "removed": True}
+
+    # ---- restore and restart -----------------------------------------------------------
+    async def restore_all(self) -> None:
+        """Bring every deployment back on its port with its active version."""
+        await asyncio.gather(*(self._restart(d["name"], restored=True)
+                               for d in self.state.deployments()))
+
+    async def _restart(self, name: str, restored: bool = False) -> None:
+        async with self._locks[name]:
+            d = self.state.deployment(name)
+            if d is None:
+                return
+            versions = [v for v in self.state.versions(name)
+                        if v["state"] in (st.ACTIVE, st.STANDBY)]
+            config = self._config(d, [(v, v["state"] == st.ACTIVE) for v in
+                                      sorted(versions, key=lambda v: v["state"] != st.ACTIVE)],
+                                  bind_retry_s=5)
+            try:
+                await self.supervisor.start(name, config, load_timeout())
+            except DeployFailed as exc:
+                self.state.add_event(name, "restart-failed", d["active_version"], exc.message)
+                self.supervisor.note_failed_start(name, exc.message)
+                return
+            self.state.add_event(name, "restore" if restored else "restart", d["active_version"])
+
+    async def _on_exit(self, name: str, reason: str) -> None:
+        self.state.add_event(name, "worker-exit", None, reason)
+
+    # ---- helpers -----------------------------------------------------------------------
+    def _config(self, d: dict, versions: list[tuple[dict | None, bool]],
+                bind_retry_s: float) -> dict:
+        return {
+            "name": d["name"], "host": d["host"], "port": d["port"],
+            "token_hash": d.get("token_hash"), "options": d["options"],
+            "bind_retry_s": bind_retry_s, "drain_s": drain_timeout(),
+            "versions": [{"number": v["number"], "path": str(self.store.path_of(v["sha256"])),
+                          "active": active} for v, active in versions if v],
+        }
+
+    def _free_port(self, host: str) -> int:
+        taken = self.state.used_ports() | self._reserved_ports
+        for _ in range(50):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in taken:
+                return port
+        raise MserveError("could not find a free port")
+
+
+def drain_timeout() -> float:
+    return float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30"))
+
+
+def _check_same_place(existing: dict, req: dict) -> None:
+    name = existing["name"]
+    if req.get("port") and req["port"] != existing["port"]:
+        raise Conflict(f"deployment '{name}' already serves on port {existing['port']}; "
+                       "a deployment keeps its port (undeploy it first to change it)")
+    if req.get("host") and req["host"] != existing["host"]:
+        raise Conflict(f"deployment '{name}' already binds {existing['host']}; "
+                       "undeploy it first to change the host")
+
+
+def _default_name(source: Path) -> str:
+    stem = source.name if source.is_dir() else source.stem
+    return stem.lower()
+
+
+def _hash_token(token: str | None) -> str | None:
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _version_view(v: dict) -> dict:
+    meta = v.get("meta") or {}
+    return {"version": v["number"], "sha256": v["sha256"], "size": v["size"],
+            "created": v["created"], "source": v["source"], "state": v["state"],
+            "device": meta.get("device"), "error": v.get("error")}
+
+
+def _last_line(err: bytes) -> str:
+    lines = [l for l in err.decode(errors="replace").splitlines() if l.strip()]
+    return f": {lines[-1].strip()[:300]}" if lines else ""

@@ -1,0 +1,201 @@
+"""The daemon's state in SQLite (WAL): deployments, versions and an append-only event log.
+
+Only the daemon writes here, and every change is one transaction, so a crash at any point
+leaves either the old or the new state. Rows refer to artifacts only once they are fully in
+the store (see ``store.py``).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+# Version states: the one taking unpinned traffic, the previous one kept loaded for an
+# instant rollback, ones only on disk, and ones that never loaded.
+ACTIVE, STANDBY, RETIRED, FAILED = "active", "standby", "retired", "failed"
+
+
+def now() -> str:
+    """UTC time as ISO 8601 with milliseconds, e.g. 2026-11-29T16:50:00.123Z."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _actor() -> str:
+    try:
+        return f"{getpass.getuser()}@pid{os.getpid()}"
+    except Exception:  # no user name in some containers
+        return f"uid{os.getuid()}"
+
+
+def _m001_initial(db: sqlite_utils.Database) -> None:
+    db["deployments"].create({
+        "name": str, "port": int, "host": str, "options": str, "token_hash": str,
+        "active_version": int, "created": str, "updated": str,
+    }, pk="name")
+    db["versions"].create({
+        "deployment": str, "number": int, "sha256": str, "size": int, "source": str,
+        "created": str, "state": str, "error": str, "meta": str,
+    }, pk=("deployment", "number"))
+    db["events"].create({
+        "id": int, "time": str, "deployment": str, "action": str, "version": int,
+        "detail": str, "actor": str,
+    }, pk="id")
+    db["events"].create_index(["deployment", "id"])
+
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
+    ("001_initial", _m001_initial),
+]
+
+
+class State:
+    """All reads and writes of ``state.db``; one instance per daemon, used from its event loop.
+
+    Every write method is one transaction (``Database.atomic``).
+    """
+
+    def __init__(self, path: Path):
+        self.db = sqlite_utils.Database(path)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        if "migrations" not in self.db.table_names():
+            self.db["migrations"].create({"name": str, "applied": str}, pk="name")
+        done = {row["name"] for row in self.db["migrations"].rows}
+        for name, apply in MIGRATIONS:
+            if name not in done:
+                with self.db.atomic():
+                    apply(self.db)
+                    self.db.execute("INSERT INTO migrations (name, applied) VALUES (?, ?)",
+                                    [name, now()])
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- reads -------------------------------------------------------------------------
+    def _rows(self, sql: str, params: list | tuple = ()) -> list[dict]:
+        cursor = self.db.execute(sql, params)
+        columns = [c[0] for c in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+    def deployments(self) -> list[dict]:
+        return [_decode(d) for d in self._rows("SELECT * FROM deployments ORDER BY name")]
+
+    def deployment(self, name: str) -> dict | None:
+        rows = self._rows("SELECT * FROM deployments WHERE name = ?", [name])
+        return _decode(rows[0]) if rows else None
+
+    def versions(self, name: str) -> list[dict]:
+        rows = self._rows("SELECT * FROM versions WHERE deployment = ? ORDER BY number", [name])
+        return [_decode(v) for v in rows]
+
+    def version(self, name: str, number: int) -> dict | None:
+        rows = self._rows("SELECT * FROM versions WHERE deployment = ? AND number = ?",
+                          [name, number])
+        return _decode(rows[0]) if rows else None
+
+    def next_version(self, name: str) -> int:
+        row = self.db.execute("SELECT MAX(number) FROM versions WHERE deployment = ?",
+                              [name]).fetchone()
+        return (row[0] or 0) + 1
+
+    def used_ports(self) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT port FROM deployments").fetchall()}
+
+    def events(self, name: str | None = None, limit: int = 100) -> list[dict]:
+        if name is None:
+            sql, params = "SELECT * FROM events ORDER BY id DESC LIMIT ?", [limit]
+        else:
+            sql = "SELECT * FROM events WHERE deployment = ? ORDER BY id DESC LIMIT ?"
+            params = [name, limit]
+        return list(reversed(self._rows(sql, params)))
+
+    # ---- writes (each one transaction) -------------------------------------------------
+    def _event(self, name: str, action: str, version: int | None, detail: str = "") -> None:
+        self.db.execute(
+            "INSERT INTO events (time, deployment, action, version, detail, actor)"
+            " VALUES (?, ?, ?, ?, ?, ?)", [now(), name, action, version, detail, _actor()])
+
+    def add_event(self, name: str, action: str, version: int | None = None,
+                  detail: str = "") -> None:
+        with self.db.atomic():
+            self._event(name, action, version, detail)
+
+    def record_deploy(self, name: str, version: dict, deployment: dict) -> None:
+        """Add ``version`` as the active one of ``name`` (creating the deployment if new)."""
+        with self.db.atomic():
+            if self.deployment(name) is None:
+                self.db.execute(
+                    "INSERT INTO deployments (name, port, host, options, token_hash,"
+                    " active_version, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [name, deployment["port"], deployment["host"],
+                     json.dumps(deployment["options"]), deployment.get("token_hash"),
+                     version["number"], now(), now()])
+            else:
+                self.db.execute(
+                    "UPDATE deployments SET options = ?, token_hash = ?, updated = ?"
+                    " WHERE name = ?",
+                    [json.dumps(deployment["options"]), deployment.get("token_hash"), now(), name])
+            self._insert_version(name, version, ACTIVE)
+            self._switch(name, version["number"])
+            self._event(name, "deploy", version["number"],
+                        f"sha256 {version['sha256'][:12]} from {version['source']}")
+
+    def record_failed(self, name: str, version: dict, error: str) -> None:
+        """Keep a failed deploy of an existing deployment in its history; nothing else changes."""
+        with self.db.atomic():
+            if self.deployment(name) is not None:
+                self._insert_version(name, version, FAILED, error)
+            self._event(name, "deploy-failed", version["number"] if self.deployment(name)
+                        else None, error)
+
+    def record_activate(self, name: str, number: int, action: str = "rollback") -> None:
+        with self.db.atomic():
+            previous = self.deployment(name)["active_version"]
+            self._switch(name, number)
+            self._event(name, action, number, f"from version {previous}")
+
+    def delete_deployment(self, name: str) -> None:
+        with self.db.atomic():
+            self.db.execute("DELETE FROM versions WHERE deployment = ?", [name])
+            self.db.execute("DELETE FROM deployments WHERE name = ?", [name])
+            self._event(name, "undeploy", None)
+
+    def _insert_version(self, name: str, v: dict, state: str, error: str | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO versions (deployment, number, sha256, size, source, created, state,"
+            " error, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [name, v["number"], v["sha256"], v["size"], v["source"], now(), state, error,
+             json.dumps(v.get("meta") or {})])
+
+    def _switch(self, name: str, number: int) -> None:
+        """Make ``number`` active, the version active until now standby, any other standby
+        retired."""
+        current = self.db.execute("SELECT active_version FROM deployments WHERE name = ?",
+                                  [name]).fetchone()[0]
+        self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND state = ?",
+                        [RETIRED, name, STANDBY])
+        if current is not None and current != number:
+            self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND number = ?",
+                            [STANDBY, name, current])
+        self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND number = ?",
+                        [ACTIVE, name, number])
+        self.db.execute("UPDATE deployments SET active_version = ?, updated = ? WHERE name = ?",
+                        [number, now(), name])
+
+
+def _decode(row: dict) -> dict:
+    for key in ("options", "meta"):
+        if key in row and isinstance(row[key], str):
+            row[key] = json.loads(row[key]) if row[key] else {}
+    return row

@@ -1,0 +1,1 @@
+"""The per-deployment data plane: one process serving one deployment's port."""

@@ -1,0 +1,275 @@
+"""The data plane of one deployment as a plain ASGI app (no framework on the hot path).
+
+Routes: Open Inference Protocol v2 (health, metadata, ready, infer; version-pinned paths and
+Triton's binary tensor extension), TF Serving / KServe V1 (``:predict``, model status), and
+Prometheus ``/metrics``. Every error is ``{"error": ...}`` with the status of its exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version as _dist_version
+
+import orjson
+
+from mserve.daemon.errors import (BadRequest, MserveError, NotFound, PayloadTooLarge,
+                                  Unauthorized, Unavailable)
+from mserve.daemon.worker import codecs, codecs_v1
+from mserve.daemon.worker.metrics import Metrics
+from mserve.daemon.worker.runtime import LoadedModel
+
+log = logging.getLogger("mserve.worker")
+JSON = [(b"content-type", b"application/json")]
+V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
+V1_MODEL = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?(:predict)?")
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+try:
+    SERVER_VERSION = _dist_version("mserve")
+except Exception:  # running from a source tree without an install
+    SERVER_VERSION = "0+unknown"
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived."""
+
+
+class Serving:
+    """What one worker serves: the loaded versions of one deployment and its options."""
+
+    def __init__(self, name: str, *, token_hash: str | None = None, max_body_mb: float = 64,
+                 max_elements: int = 64 * 2**20, threads: int = 4):
+        self.name = name
+        self.models: dict[int, LoadedModel] = {}
+        self.active: int | None = None
+        self.token_hash = token_hash
+        self.max_body = int(max_body_mb * 2**20)
+        self.max_elements = max_elements
+        self.metrics = Metrics(name)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer")
+
+    # ---- versions (changed by the daemon through the control channel) -----------------
+    def add(self, model: LoadedModel) -> None:
+        self.models[model.number] = model
+        self.metrics.load_time.labels(str(model.number)).set(model.load_ms / 1000)
+
+    def activate(self, number: int, keep: list[int]) -> None:
+        """Swap the active version (one reference) and drop versions not kept loaded."""
+        if number not in self.models:
+            raise NotFound(f"version {number} is not loaded")
+        self.active = number
+        for n in list(self.models):
+            if n != number and n not in keep:
+                del self.models[n]  # in-flight requests hold their own reference
+                self.metrics.load_time.remove(str(n))
+
+    def check_name(self, name: str) -> None:
+        if name != self.name:
+            raise NotFound(f"model '{name}' not found; this port serves '{self.name}'")
+
+    def model(self, name: str, version: str | None) -> LoadedModel:
+        self.check_name(name)
+        if version is None:
+            if self.active is None:
+                raise Unavailable(f"model '{name}' is not ready")
+            return self.models[self.active]
+        try:
+            return self.models[int(version)]
+        except (ValueError, KeyError):
+            loaded = ", ".join(str(n) for n in sorted(self.models)) or "none"
+            raise NotFound(f"version '{version}' of model '{name}' is not loaded "
+                           f"(loaded: {loaded})") from None
+
+    async def run(self, model: LoadedModel, feeds: dict, names: list[str]) -> list:
+        """One model run in a thread: the event loop keeps answering meanwhile."""
+        loop = asyncio.get_running_loop()
+        self.metrics.queue_depth.inc()
+        start = time.perf_counter()
+        try:
+            return await loop.run_in_executor(self.executor, model.run, feeds, names)
+        finally:
+            self.metrics.inference_time.observe(time.perf_counter() - start)
+            self.metrics.batch_size.observe(1)
+            self.metrics.queue_depth.dec()
+
+
+class WorkerApp:
+    """ASGI entry point: route, authorize, read the body within limits, answer."""
+
+    def __init__(self, serving: Serving):
+        self.s = serving
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        try:
+            if path not in OPEN_PATHS:
+                self._authorize(scope)
+            status, body, headers = await self._route(path, method, scope, receive)
+        except MserveError as exc:
+            status, body, headers = exc.status, codecs.encode_error(exc.message), JSON
+            if exc.status == 503:
+                headers = JSON + [(b"retry-after", b"1")]
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("unexpected error on %s %s", method, path)
+            status, body, headers = 500, codecs.encode_error("internal error (see the "
+                                                             "deployment log)"), JSON
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _authorize(self, scope) -> None:
+        if self.s.token_hash is None:
+            return
+        given = _header(scope, b"authorization") or ""
+        scheme, _, token = given.partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.s.token_hash):
+            raise Unauthorized("missing or wrong token: send 'Authorization: Bearer <token>'")
+
+    async def _route(self, path: str, method: str, scope, receive):
+        if method == "GET":
+            return self._get(path)
+        if method == "POST":
+            if m := V2_MODEL.fullmatch(path):
+                if m.group(3) == "/infer":
+                    return await self._infer(m.group(1), m.group(2), scope, receive)
+            elif (m := V1_MODEL.fullmatch(path)) and m.group(3):
+                return await self._predict(m.group(1), m.group(2), scope, receive)
+        raise NotFound(f"no route for {method} {path}")
+
+    def _get(self, path: str):
+        s = self.s
+        if path == "/v2/health/live":
+            return _json({"live": True})
+        if path == "/v2/health/ready":
+            if s.active is None:
+                raise Unavailable("no version is loaded yet")
+            return _json({"ready": True})
+        if path == "/v2":
+            return _json({"name": "mserve", "version": SERVER_VERSION,
+                          "extensions": ["binary_tensor_data"]})
+        if path == "/metrics":
+            return 200, s.metrics.render(), [(b"content-type", s.metrics.content_type.encode())]
+        if path == "/v1/models":
+            return _json({"models": [s.name]})
+        if m := V2_MODEL.fullmatch(path):
+            model = s.model(m.group(1), m.group(2))
+            if m.group(3) == "/ready":
+                return _json({"name": s.name, "ready": True})
+            if m.group(3) is None:
+                versions = [str(n) for n in sorted(s.models)]
+                return _json(codecs.model_metadata(s.name, versions, model.inputs, model.outputs))
+        if (m := V1_MODEL.fullmatch(path)) and not m.group(3):
+            return _json(self._v1_status(m.group(1), m.group(2)))
+        raise NotFound(f"no route for GET {path}")
+
+    def _v1_status(self, name: str, version: str | None) -> dict:
+        self.s.check_name(name)
+        chosen = [self.s.model(name, version).number] if version else sorted(self.s.models)
+        statuses = [{"version": str(n), "state": "AVAILABLE",
+                     "status": {"error_code": "OK", "error_message": ""}} for n in chosen]
+        return {"name": name, "ready": self.s.active is not None,
+                "model_version_status": statuses}
+
+    async def _infer(self, name: str, version: str | None, scope, receive):
+        started = time.perf_counter()
+        model = self.s.model(name, version)
+        status = 500
+        try:
+            body = await _read_body(scope, receive, self.s.max_body)
+            header_length = _int_header(scope, b"inference-header-content-length")
+            request = codecs.parse_request(body, header_length, max_elements=self.s.max_elements)
+            feeds = codecs.check_inputs(request, model.inputs)
+            wanted = codecs.check_outputs(request, model.outputs)
+            arrays = await self.s.run(model, feeds, [o.name for o in wanted])
+            out, headers = codecs.encode_response(self.s.name, str(model.number), request.id,
+                                                  list(zip(wanted, arrays)))
+            status = 200
+        except MserveError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.s.metrics.observe_request(str(model.number), status,
+                                           time.perf_counter() - started)
+        return 200, out, _headers(headers, model)
+
+    async def _predict(self, name: str, version: str | None, scope, receive):
+        started = time.perf_counter()
+        model = self.s.model(name, version)
+        status = 500
+        try:
+            body = await _read_body(scope, receive, self.s.max_body)
+            feeds, form = codecs_v1.parse_predict(body, model.inputs,
+                                                  max_elements=self.s.max_elements)
+            names = [o.name for o in model.outputs]
+            arrays = await self.s.run(model, feeds, names)
+            out = codecs_v1.encode_predict(dict(zip(names, arrays)), form)
+            status = 200
+        except MserveError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.s.metrics.observe_request(str(model.number), status,
+                                           time.perf_counter() - started)
+        return 200, out, JSON + [(b"x-model-version", str(model.number).encode())]
+
+
+def _json(obj) -> tuple[int, bytes, list]:
+    return 200, orjson.dumps(obj), JSON
+
+
+def _headers(extra: dict[str, str], model: LoadedModel) -> list:
+    headers = [(k.encode(), v.encode()) for k, v in extra.items()]
+    headers.append((b"x-model-version", str(model.number).encode()))
+    return headers
+
+
+def _header(scope, key: bytes) -> str | None:
+    for k, v in scope["headers"]:
+        if k == key:
+            return v.decode("latin-1")
+    return None
+
+
+def _int_header(scope, key: bytes) -> int | None:
+    value = _header(scope, key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"header {key.decode()} must be an integer, got {value!r}") from None
+
+
+async def _read_body(scope, receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
+    declared = _int_header(scope, b"content-length")
+    too_large = PayloadTooLarge(f"request body exceeds the limit of {limit // 2**20} MiB")
+    if declared is not None and declared > limit:
+        raise too_large
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

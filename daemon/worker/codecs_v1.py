@@ -1,0 +1,112 @@
+"""TF Serving / KServe V1 ``:predict`` codec: the row ("instances") and columnar ("inputs") forms.
+
+Values are cast to each input's declared datatype and checked with the v2 codec's rules; BYTES
+inputs also take ``{"b64": "..."}``. JSON has no NaN or Infinity here (orjson is strict).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+
+from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.worker.codecs import (DEFAULT_MAX_ELEMENTS, TensorSpec, array_from_json,
+                                         check_input_names, check_shape, json_ready,
+                                         load_json_object)
+
+FORMS = ("instances", "inputs")
+
+
+def parse_predict(body: bytes, specs: list[TensorSpec], *,
+                  max_elements: int = DEFAULT_MAX_ELEMENTS) -> tuple[dict[str, np.ndarray], str]:
+    """Decode a predict request into (input name -> array, "instances" or "inputs")."""
+    doc = load_json_object(body)
+    if ("instances" in doc) == ("inputs" in doc):
+        raise BadRequest("request must have exactly one of 'instances' (row form) "
+                         "or 'inputs' (columnar form)")
+    by_name = {spec.name: spec for spec in specs}
+    if "instances" in doc:
+        form, values = "instances", _from_instances(doc["instances"], by_name)
+    else:
+        form, values = "inputs", _from_columns(doc["inputs"], by_name)
+    check_input_names(values, specs)
+    arrays = {name: _to_array(name, value, by_name[name], max_elements)
+              for name, value in values.items()}
+    return arrays, form
+
+
+def _is_b64(value) -> bool:
+    return isinstance(value, dict) and list(value) == ["b64"]
+
+
+def _only_input(by_name: dict[str, TensorSpec], form: str) -> str:
+    if len(by_name) != 1:
+        raise BadRequest(f"{form}: the model has inputs {', '.join(by_name) or '(none)'}, so each "
+                         "value must be an object keyed by input name")
+    return next(iter(by_name))
+
+
+def _from_instances(instances, by_name: dict[str, TensorSpec]) -> dict[str, list]:
+    """Row form: a list over the batch of tensors (one input) or of {input name: value} objects."""
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest("'instances' must be a non-empty list")
+    named = [isinstance(row, dict) and not _is_b64(row) for row in instances]
+    if not any(named):
+        return {_only_input(by_name, "instances"): instances}
+    if not all(named):
+        raise BadRequest("'instances' must be all objects keyed by input name or all tensors, "
+                         "not a mix")
+    columns: dict[str, list] = {name: [] for name in instances[0]}
+    for index, row in enumerate(instances):
+        if row.keys() != columns.keys():
+            raise BadRequest(f"instances[{index}] has inputs {', '.join(row) or '(none)'} but "
+                             f"instances[0] has {', '.join(columns) or '(none)'}")
+        for name, value in row.items():
+            columns[name].append(value)
+    return columns
+
+
+def _from_columns(inputs, by_name: dict[str, TensorSpec]) -> dict:
+    """Columnar form: one tensor (one input) or an object {input name: tensor}."""
+    if isinstance(inputs, dict) and not _is_b64(inputs):
+        return inputs
+    return {_only_input(by_name, "inputs"): inputs}
+
+
+def _to_array(name: str, value, spec: TensorSpec, max_elements: int) -> np.ndarray:
+    label = f"input '{name}'"
+    array = array_from_json(label, spec.datatype, value, allow_b64=True)
+    if array.size > max_elements:
+        raise BadRequest(f"{label}: {array.size} elements is more than the limit of {max_elements}")
+    check_shape(label, array.shape, spec)
+    return array
+
+
+def encode_predict(outputs: dict[str, np.ndarray], form: str) -> bytes:
+    """Encode a predict response: {"predictions": rows} or {"outputs": value or {name: value}}.
+
+    BYTES become str (UTF-8, undecodable bytes replaced) and FP16 becomes float, as in v2.
+    """
+    if form == "instances":
+        doc = {"predictions": _predictions(outputs)}
+    elif form == "inputs":
+        values = {name: json_ready(array) for name, array in outputs.items()}
+        doc = {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+    else:
+        raise ValueError(f"unknown predict form {form!r}; expected one of {FORMS}")
+    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _predictions(outputs: dict[str, np.ndarray]):
+    """Rows over the batch: one output's rows, or per row an object {output name: row}."""
+    if not outputs:
+        return []
+    if len(outputs) == 1:
+        (array,) = outputs.values()
+        return json_ready(array.reshape(1) if array.ndim == 0 else array)
+    batches = {array.shape[0] if array.ndim else None for array in outputs.values()}
+    if len(batches) != 1 or None in batches:
+        shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in outputs.items())
+        raise MserveError(f"outputs do not share a batch dimension for 'predictions': {shapes}")
+    ready = {name: json_ready(array) for name, array in outputs.items()}
+    return [{name: rows[index] for name, rows in ready.items()} for index in range(batches.pop())]

@@ -1,0 +1,191 @@
+"""The worker process: bind the deployment's port, load its versions, serve, obey the daemon.
+
+Started by the supervisor as ``python -m mserve.daemon.worker CONFIG_JSON``. It talks to the
+daemon through JSON lines: commands on stdin, replies and events on the original stdout
+(fd 1 is then pointed at stderr, so a stray print cannot corrupt the channel). End of stdin
+means the daemon is gone: the worker drains and exits, so no orphan keeps the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import uvicorn
+
+from mserve.daemon.errors import MserveError
+from mserve.daemon.worker import runtime
+from mserve.daemon.worker.app import Serving, WorkerApp, configure_logging
+
+log = logging.getLogger("mserve.worker")
+EXIT_BIND, EXIT_LOAD = 3, 4
+
+
+class Channel:
+    """The JSON-lines pipe to the daemon (a private copy of the original stdout)."""
+
+    def __init__(self):
+        self._out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        self._lock = threading.Lock()
+
+    def send(self, message: dict) -> None:
+        with self._lock:
+            try:
+                self._out.write(json.dumps(message) + "\n")
+            except (BrokenPipeError, ValueError):
+                pass  # the daemon is gone; stdin EOF will stop us
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn re-raises captured signals after serving; here the worker owns its signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def bind(host: str, port: int, retry_seconds: float) -> socket.socket:
+    """Bind the deployment's port ourselves, retrying a while if a previous worker still holds
+    it (a restart after a crash); a port held by anything else is a clean error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + retry_seconds
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen(2048)
+            sock.set_inheritable(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def load_versions(serving: Serving, config: dict) -> None:
+    """Load the active version (required) and the standby one (best effort)."""
+    opts = config["options"]
+    for entry in config["versions"]:
+        try:
+            model = runtime.load(entry["number"], entry["path"], opts.get("device", "auto"),
+                                 opts.get("instances", 1), opts.get("threads", 0))
+        except MserveError as exc:
+            if entry.get("active"):
+                raise
+            log.warning("standby version %s not loaded: %s", entry["number"], exc.message)
+            continue
+        serving.add(model)
+        if entry.get("active"):
+            serving.active = model.number
+
+
+class Control:
+    """Executes the daemon's commands: load, activate, ping."""
+
+    def __init__(self, serving: Serving, channel: Channel, server: QuietServer, config: dict):
+        self.serving, self.channel, self.server, self.config = serving, channel, server, config
+
+    def listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        def reader():
+            for line in sys.stdin.buffer:
+                with contextlib.suppress(ValueError):
+                    asyncio.run_coroutine_threadsafe(self.handle(json.loads(line)), loop)
+            loop.call_soon_threadsafe(self.stop, "the daemon went away")
+
+        threading.Thread(target=reader, name="control", daemon=True).start()
+
+    def stop(self, why: str) -> None:
+        log.info("stopping: %s", why)
+        self.server.should_exit = True
+
+    async def handle(self, msg: dict) -> None:
+        reply = {"id": msg.get("id")}
+        try:
+            reply.update(await self._do(msg))
+            reply["ok"] = True
+        except MserveError as exc:
+            reply.update(ok=False, error=exc.message)
+        except Exception as exc:  # never let a command kill the worker
+            log.exception("control command %s failed", msg.get("op"))
+            reply.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        self.channel.send(reply)
+
+    async def _do(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "load":
+            opts = {**self.config["options"], **msg.get("options", {})}
+            model = await asyncio.to_thread(
+                runtime.load, msg["number"], msg["path"], opts.get("device", "auto"),
+                opts.get("instances", 1), opts.get("threads", 0))
+            self.serving.add(model)
+            return {"meta": model.meta()}
+        if op == "activate":
+            if "token_hash" in msg:
+                self.serving.token_hash = msg["token_hash"]
+            self.serving.activate(msg["number"], msg.get("keep", []))
+            return {"active": msg["number"], "loaded": sorted(self.serving.models)}
+        if op == "ping":
+            return {"active": self.serving.active, "loaded": sorted(self.serving.models)}
+        raise MserveError(f"unknown command {op!r}")
+
+
+async def serve(serving: Serving, sock: socket.socket, channel: Channel, config: dict) -> None:
+    uv = uvicorn.Config(WorkerApp(serving), http="httptools", lifespan="off", access_log=False,
+                        log_level="warning", timeout_graceful_shutdown=config.get("drain_s", 30),
+                        backlog=2048)
+    server = QuietServer(uv)
+    control = Control(serving, channel, server, config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, control.stop, f"signal {sig}")
+    control.listen(loop)
+    channel.send({"event": "ready", "pid": os.getpid(),
+                  "versions": {n: m.meta() for n, m in serving.models.items()}})
+    await server.serve(sockets=[sock])
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(argv[1])
+    channel = Channel()
+    configure_logging()
+    try:
+        sock = bind(config["host"], config["port"], config.get("bind_retry_s", 5.0))
+    except OSError as exc:
+        channel.send({"event": "failed", "error": _bind_error(exc, config)})
+        return EXIT_BIND
+    opts = config["options"]
+    serving = Serving(config["name"], token_hash=config.get("token_hash"),
+                      max_body_mb=opts.get("max_body_mb", 64))
+    try:
+        load_versions(serving, config)
+    except MserveError as exc:
+        channel.send({"event": "failed", "error": exc.message})
+        return EXIT_LOAD
+    runner = asyncio.run
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        runner = uvloop.run
+    runner(serve(serving, sock, channel, config))
+    return 0
+
+
+def _bind_error(exc: OSError, config: dict) -> str:
+    where = f"{config['host']}:{config['port']}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"port {config['port']} is already in use ({where}); choose another with --port"
+    if exc.errno == errno.EACCES:
+        return f"no permission to bind {where} (ports below 1024 need privileges)"
+    return f"cannot bind {where}: {exc.strerror or exc}"

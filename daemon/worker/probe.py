@@ -1,0 +1,32 @@
+"""Load and warm up a model in a short-lived process, so a model that crashes or hangs
+ONNX Runtime cannot take down the worker that serves the current version.
+
+``python -m mserve.daemon.worker.probe PATH DEVICE`` prints one JSON line: the model's
+metadata, or ``{"error": ...}`` (exit 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(argv: list[str]) -> int:
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything ONNX Runtime prints goes to stderr, not into our answer
+    from mserve.daemon.errors import MserveError
+    from mserve.daemon.worker import runtime
+
+    path, device = argv[1], argv[2]
+    try:
+        model = runtime.load(0, path, device)
+    except MserveError as exc:
+        out.write(json.dumps({"error": exc.message}) + "\n")
+        return 1
+    out.write(json.dumps(model.meta()) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

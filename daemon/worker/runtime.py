@@ -1,0 +1,184 @@
+"""ONNX Runtime sessions: load, describe, warm up and run one model version.
+
+The only module that imports onnxruntime. Non-tensor outputs (a ZipMap's sequence of maps,
+as skl2onnx writes for classifiers) are served as BYTES tensors whose elements are the JSON
+text of each map, e.g. ``{"0": 0.9, "1": 0.1}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from mserve.daemon.errors import BadRequest, DeployFailed
+from mserve.daemon.worker.codecs import DTYPES, ORT_TYPES, TensorSpec
+
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+_cuda_failed = False  # set once CUDA could not be used in this process: skip retrying it
+
+
+def _ort():
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+@dataclass
+class LoadedModel:
+    """One loaded version: its sessions and signature."""
+
+    number: int
+    path: str
+    sessions: list
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    device: str
+    providers: list[str]
+    load_ms: float
+    json_outputs: frozenset[str] = frozenset()  # outputs that are maps, served as JSON text
+    _turn: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def batchable(self) -> bool:
+        """All inputs have a dynamic first dimension (the batch)."""
+        return bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs)
+
+    def meta(self) -> dict:
+        return {
+            "inputs": [s.to_json() for s in self.inputs],
+            "outputs": [s.to_json() for s in self.outputs],
+            "device": self.device,
+            "providers": self.providers,
+            "batchable": self.batchable,
+            "load_ms": round(self.load_ms, 1),
+        }
+
+    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+        """One blocking ``session.run`` (call it from a thread: ONNX Runtime releases the GIL)."""
+        session = self.sessions[next(self._turn) % len(self.sessions)]
+        try:
+            results = session.run(names, feeds)
+        except Exception as exc:  # ORT raises its own types for bad values (e.g. index out of range)
+            raise BadRequest(f"the model could not run on this input: {_short(exc)}") from None
+        return [_as_array(r) if n in self.json_outputs else r for n, r in zip(names, results)]
+
+
+def load(number: int, path: str, device: str = "auto", instances: int = 1,
+         threads: int = 0) -> LoadedModel:
+    """Load ``path`` on ``device`` and warm it up; raise DeployFailed with a plain reason."""
+    if device not in DEVICES:
+        raise DeployFailed(f"unknown device {device!r}: use auto, cpu or cuda")
+    start = time.perf_counter()
+    sessions = [_session(path, device, threads) for _ in range(max(1, instances))]
+    first = sessions[0]
+    providers = list(first.get_providers())
+    inputs = [_spec(a) for a in first.get_inputs()]
+    outputs = [_spec(a) for a in first.get_outputs()]
+    model = LoadedModel(
+        number=number, path=path, sessions=sessions, inputs=inputs, outputs=outputs,
+        device="cuda" if CUDA in providers else "cpu", providers=providers, load_ms=0.0,
+        json_outputs=frozenset(a.name for a in first.get_outputs() if _is_map(a.type)),
+    )
+    warm_up(model)
+    model.load_ms = (time.perf_counter() - start) * 1000
+    return model
+
+
+def _session(path: str, device: str, threads: int):
+    global _cuda_failed
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    want_cuda = device == "cuda" or (device == "auto" and not _cuda_failed
+                                     and CUDA in ort.get_available_providers())
+    providers = [CUDA, CPU] if want_cuda else [CPU]
+    if want_cuda:
+        # Missing CUDA libraries make ORT print errors before falling back; keep them quiet.
+        ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(path, options, providers=providers)
+    except Exception as exc:
+        raise DeployFailed(_load_error(exc, path)) from None
+    finally:
+        ort.set_default_logger_severity(3)
+    if want_cuda and CUDA not in session.get_providers():
+        _cuda_failed = True
+        if device == "cuda":
+            raise DeployFailed("device 'cuda' was asked for but CUDA is not usable on this "
+                               "machine (no GPU or CUDA libraries); use --device auto or cpu")
+    return session
+
+
+def _load_error(exc: Exception, path: str) -> str:
+    text = _short(exc)
+    if "INVALID_PROTOBUF" in text or "Protobuf parsing failed" in text:
+        return f"'{Path(path).name}' is not a valid ONNX model (it could not be parsed)"
+    return f"the model could not be loaded: {text}"
+
+
+def _short(exc: Exception) -> str:
+    """ORT's message without its '[ONNXRuntimeError] : 2 : CODE :' prefix, on one line."""
+    text = " ".join(str(exc).split())
+    if text.startswith("[ONNXRuntimeError]"):
+        text = text.split(":", 3)[-1].strip()
+    return text[:500]
+
+
+def _is_map(ort_type: str) -> bool:
+    return ort_type.startswith(("seq(map", "map("))
+
+
+def _spec(arg) -> TensorSpec:
+    if _is_map(arg.type):
+        return TensorSpec(arg.name, "BYTES", (-1,))
+    if arg.type not in ORT_TYPES:
+        raise DeployFailed(f"'{arg.name}' has type {arg.type}, which mserve cannot serve")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+    return TensorSpec(arg.name, ORT_TYPES[arg.type], shape)
+
+
+def _as_array(value) -> np.ndarray:
+    """A sequence of maps (ZipMap) as a BYTES tensor of JSON objects, one per row."""
+    rows = value if isinstance(value, list) else [value]
+    out = np.empty(len(rows), dtype=object)
+    for i, row in enumerate(rows):
+        out[i] = orjson.dumps({str(k): v for k, v in row.items()},
+                              option=orjson.OPT_SERIALIZE_NUMPY)
+    return out
+
+
+def warm_up(model: LoadedModel) -> None:
+    """Run the model once on zeros (dynamic dims = 1) so the first request is not slow."""
+    feeds = {s.name: _zeros(s) for s in model.inputs}
+    names = [s.name for s in model.outputs]
+    for session in model.sessions:
+        try:
+            session.run(names, feeds)
+        except Exception as exc:
+            raise DeployFailed(f"the model loaded but failed its warm-up run: {_short(exc)}") \
+                from None
+
+
+def _zeros(spec: TensorSpec) -> np.ndarray:
+    shape = tuple(1 if d < 0 else d for d in spec.shape)
+    if spec.datatype == "BYTES":
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=DTYPES[spec.datatype])
+
+
+def default_threads() -> int:
+    """Intra-op threads per session: the cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
