@@ -1,0 +1,85 @@
+"""Tiny real ONNX models built at test time with the onnx helper API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+def _save(graph, path: Path, opsets=OPSET) -> Path:
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="mserve-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def affine(path: Path, scale: float = 1.0, bias: float = 0.0, width: int = 4) -> Path:
+    """y = x * scale + bias, x: FP32 [N, width]. Different scale/bias = a different version."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])
+    inits = [numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"),
+             numpy_helper.from_array(np.array(bias, dtype=np.float32), "bias")]
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["xs"]),
+             helper.make_node("Add", ["xs", "bias"], ["y"])]
+    return _save(helper.make_graph(nodes, "affine", [x], [y], inits), path)
+
+
+def mixed(path: Path) -> Path:
+    """Two inputs of different dtypes, two outputs:
+    a: FP32 [N, 3], b: INT64 [N, 3] -> sum = a + float(b) (FP32), count = b * 2 (INT64)."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3])
+    b = helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 3])
+    total = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", 3])
+    count = helper.make_tensor_value_info("count", TensorProto.INT64, ["N", 3])
+    two = numpy_helper.from_array(np.array(2, dtype=np.int64), "two")
+    nodes = [helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+             helper.make_node("Add", ["a", "bf"], ["sum"]),
+             helper.make_node("Mul", ["b", "two"], ["count"])]
+    return _save(helper.make_graph(nodes, "mixed", [a, b], [total, count], [two]), path)
+
+
+ALL_TYPES = {
+    "BOOL": TensorProto.BOOL, "INT8": TensorProto.INT8, "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32, "INT64": TensorProto.INT64, "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16, "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def identities(path: Path) -> Path:
+    """One Identity per datatype: input in_<DT> [N, 2] -> output out_<DT>."""
+    inputs, outputs, nodes = [], [], []
+    for name, elem in ALL_TYPES.items():
+        inputs.append(helper.make_tensor_value_info(f"in_{name}", elem, ["N", 2]))
+        outputs.append(helper.make_tensor_value_info(f"out_{name}", elem, ["N", 2]))
+        nodes.append(helper.make_node("Identity", [f"in_{name}"], [f"out_{name}"]))
+    return _save(helper.make_graph(nodes, "identities", inputs, outputs), path)
+
+
+def zipmap(path: Path) -> Path:
+    """A classifier tail like skl2onnx writes: probabilities FP32 [N, 2] -> ZipMap."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
+    map_type = helper.make_map_type_proto(TensorProto.INT64,
+                                          helper.make_tensor_type_proto(TensorProto.FLOAT, []))
+    out = helper.make_value_info("probs", helper.make_sequence_type_proto(map_type))
+    nodes = [helper.make_node("ZipMap", ["x"], ["probs"], domain="ai.onnx.ml",
+                              classlabels_int64s=[0, 1])]
+    opsets = OPSET + [helper.make_opsetid("ai.onnx.ml", 1)]
+    return _save(helper.make_graph(nodes, "zipmap", [x], [out]), path, opsets)
+
+
+def fixed(path: Path) -> Path:
+    """A model with no batch dimension: x FP32 [2, 3] -> y = x + 1."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    one = numpy_helper.from_array(np.array(1, dtype=np.float32), "one")
+    nodes = [helper.make_node("Add", ["x", "one"], ["y"])]
+    return _save(helper.make_graph(nodes, "fixed", [x], [y], [one]), path)
