@@ -452,17 +452,20 @@ def _requested_outputs(outputs, binary_output: bool) -> list[RequestedOutput] | 
 
 
 def check_inputs(request: InferRequest, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """Check the request's inputs against the model's: names, datatypes, ranks, fixed dims."""
-    check_input_names((item.name for item in request.inputs), specs)
+    """Check the request's inputs against the model's: names, datatypes, ranks, fixed dims.
+    What is wrong with a given input is said before what is missing."""
     by_name = {spec.name: spec for spec in specs}
     arrays = {}
     for item in request.inputs:
-        spec, label = by_name[item.name], f"input '{item.name}'"
+        spec, label = by_name.get(item.name), f"input '{item.name}'"
+        if spec is None:
+            check_input_names([item.name], specs)
         if item.datatype != spec.datatype:
             raise BadRequest(f"{label}: datatype {item.datatype} does not match the model's "
                              f"{spec.datatype}")
         check_shape(label, item.shape, spec)
         arrays[item.name] = item.array
+    check_input_names(arrays, specs)
     return arrays
 
 

@@ -64,6 +64,7 @@ class LoadedModel:
     def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
         """One blocking ``session.run`` (call it from a thread: ONNX Runtime releases the GIL)."""
         session = self.sessions[next(self._turn) % len(self.sessions)]
+        feeds = {k: _text(k, v) if v.dtype == object else v for k, v in feeds.items()}
         try:
             results = session.run(names, feeds)
         except Exception as exc:  # ORT raises its own types for bad values (e.g. index out of range)
@@ -132,6 +133,17 @@ def _short(exc: Exception) -> str:
     if text.startswith("[ONNXRuntimeError]"):
         text = text.split(":", 3)[-1].strip()
     return text[:500]
+
+
+def _text(name: str, array: np.ndarray) -> np.ndarray:
+    """ORT string tensors take str elements (bytes would be stored as "b'...'")."""
+    out = np.empty(array.shape, dtype=object)
+    try:
+        out.flat = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.flat]
+    except UnicodeDecodeError:
+        raise BadRequest(f"input '{name}': BYTES elements must be UTF-8 text for this model's "
+                         "string input") from None
+    return out
 
 
 def _is_map(ort_type: str) -> bool:
