@@ -1,0 +1,105 @@
+"""The CLI as a user meets it: help, usage errors, plain errors, light start-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import CLI
+
+COMMANDS = ["deploy", "list", "versions", "predict", "rollback", "undeploy", "daemon"]
+
+
+def test_help_lists_every_command():
+    out = subprocess.run(CLI + ["--help"], capture_output=True, text=True).stdout
+    for command in COMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize("command", COMMANDS + ["daemon start", "daemon stop", "daemon status",
+                                                "daemon run", "daemon logs"])
+def test_every_command_has_help(command):
+    result = subprocess.run(CLI + command.split() + ["--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_version():
+    from importlib.metadata import version
+
+    out = subprocess.run(CLI + ["--version"], capture_output=True, text=True).stdout
+    assert out.strip() == f"mserve {version('mserve')}"
+
+
+@pytest.mark.parametrize("args", [["deploy"], ["list", "--bogus"], ["deploy", "x.onnx",
+                                                                      "--port", "notaport"]])
+def test_usage_errors_exit_2(args):
+    result = subprocess.run(CLI + args, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_list_imports_nothing_heavy(shared):
+    """`mserve list` must start fast: no numpy, onnxruntime, uvicorn or rich."""
+    code = (
+        "import sys\n"
+        "from mserve.cli.main import app\n"
+        "try:\n"
+        "    app(['list', '--json'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = [m for m in ('numpy', 'onnxruntime', 'uvicorn', 'rich', 'starlette', 'httpx')"
+        " if m in sys.modules]\n"
+        "print(repr(heavy), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=shared.env)
+    assert json.loads(result.stdout) == [] or isinstance(json.loads(result.stdout), list)
+    assert result.stderr.strip().splitlines()[-1] == "[]", result.stderr
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("args, words", [
+    (["versions", "nosuch"], "deployment 'nosuch' not found"),
+    (["rollback", "nosuch"], "deployment 'nosuch' not found"),
+    (["undeploy", "nosuch"], "deployment 'nosuch' not found"),
+    (["predict", "nosuch", "-"], "deployment 'nosuch' not found"),
+    (["deploy", "/no/such/model.onnx", "--name", "x"], "does not exist"),
+    (["deploy", "{tmp}", "--name", "x"], "has no model.onnx"),
+    (["deploy", "{model}", "--name", "../x"], "invalid deployment name"),
+    (["deploy", "{model}", "--name", "has space"], "invalid deployment name"),
+    (["deploy", "{model}", "--name", "x" * 200], "invalid deployment name"),
+])
+def test_user_mistakes_are_one_line_errors(shared, affine_v1, tmp_path, args, words):
+    args = [a.format(tmp=tmp_path, model=affine_v1) for a in args]
+    err = shared.fail(*args, input='{"x": [[1, 2, 3, 4]]}')
+    assert err.startswith("Error: ") and words in err, err
+
+
+@pytest.mark.e2e
+def test_predict_input_mistakes(shared, affine_v1, tmp_path):
+    shared.json("deploy", affine_v1, "--name", "inputs")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert "not valid JSON" in shared.fail("predict", "inputs", bad)
+    assert "cannot read input file" in shared.fail("predict", "inputs", tmp_path / "none.json")
+    assert "unknown input 'q'" in shared.fail("predict", "inputs", "-", input='{"q": [[1]]}')
+    err = shared.fail("predict", "inputs", "-", input='{"x": [[1, 2]]}')
+    assert "dimension 1 must be 4" in err
+    assert "no version before 1" in shared.fail("rollback", "inputs")
+    assert "version 5 of 'inputs' not found" in shared.fail("rollback", "inputs", "--to", "5")
+    shared.ok("undeploy", "inputs")
+
+
+@pytest.mark.e2e
+def test_busy_port_is_a_clean_error(shared, affine_v1):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        err = shared.fail("deploy", affine_v1, "--name", "porty", "--port", port)
+    assert f"port {port} is already in use" in err
+    assert all(d["name"] != "porty" for d in shared.json("list"))

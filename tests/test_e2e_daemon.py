@@ -1,0 +1,82 @@
+"""The daemon as a process: lock, socket, autostart, status, stop, logs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_start_status_stop(mserve):
+    assert mserve.json("daemon", "status")["running"] is False
+    started = mserve.json("daemon", "start")
+    assert started["started"] is True
+    again = mserve.json("daemon", "start")
+    assert again == {**started, "started": False}
+    info = mserve.json("daemon", "status")
+    assert info["running"] and info["pid"] == started["pid"] and info["version"]
+    assert info["socket"] == str(mserve.home / "mserve.sock")
+    assert "Daemon running" in mserve.ok("daemon", "status").stdout
+    assert "daemon ready" in mserve.ok("daemon", "logs").stdout
+    assert mserve.json("daemon", "stop")["stopped"] is True
+    assert mserve.daemon_pid() is None
+    assert not (mserve.home / "mserve.sock").exists()
+    assert mserve.json("daemon", "stop")["stopped"] is False
+
+
+def test_private_folder_and_socket(mserve):
+    mserve.ok("daemon", "start")
+    assert stat.S_IMODE(os.stat(mserve.home).st_mode) == 0o700
+    sock = mserve.home / "mserve.sock"
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+
+def test_second_daemon_refuses_and_keeps_the_socket(mserve):
+    pid = mserve.json("daemon", "start")["pid"]
+    second = subprocess.run([sys.executable, "-m", "mserve.daemon"], env=mserve.env,
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 3
+    assert "already running" in second.stderr and str(pid) in second.stderr
+    assert mserve.json("daemon", "status")["pid"] == pid
+
+
+def test_stale_socket_is_replaced(mserve):
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(mserve.home / "mserve.sock"))  # a socket file nobody listens on
+    sock.close()
+    assert mserve.json("list") == []
+    assert mserve.daemon_pid() is not None
+
+
+def test_no_autostart_says_what_to_run(mserve):
+    err = mserve.fail("list", env={"MSERVE_NO_AUTOSTART": "1"})
+    assert err.startswith("Error: the mserve daemon is not running")
+    assert "mserve daemon start" in err and "daemon.log" in err
+    assert mserve.daemon_pid() is None
+
+
+def test_foreground_run_stops_on_sigterm(mserve, affine_v1):
+    proc = subprocess.Popen([sys.executable, "-m", "mserve.cli.main", "daemon", "run"],
+                            env=mserve.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: mserve.run("daemon", "status", "--json").stdout.count('"running": true'),
+                 what="foreground daemon")
+        worker_pid = mserve.json("deploy", affine_v1, "--name", "fg")["deployment"]["pid"]
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(worker_pid, 0)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert mserve.deployment("fg")["status"] == "ready"  # restored by the next command
