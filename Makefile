@@ -32,7 +32,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 completions: install
-	$(BIN)/python tests/gen_completions.py
+	$(BIN)/python completions/generate.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

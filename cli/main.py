@@ -6,7 +6,7 @@ Start-up stays light: no numpy, onnxruntime or uvicorn here (a test checks ``sys
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,7 +22,7 @@ Deploy a model and it answers on its own port, for Triton and KServe clients:
   mserve list
 """
 
-app = typer.Typer(name="mserve", help=HELP, no_args_is_help=True, add_completion=False,
+app = typer.Typer(name="mserve", help=HELP, no_args_is_help=True, add_completion=True,
                   pretty_exceptions_enable=False, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]})
 app.command("deploy", rich_help_panel="Deployments")(deploy.deploy)
@@ -44,8 +44,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Annotated[Optional[bool], typer.Option(
-        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     pass
 

@@ -60,16 +60,18 @@ def ago(iso: str | None, now: float | None = None) -> str:
 def human_size(n: int | None) -> str:
     if n is None:
         return "-"
+    value = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+        text = f"{value:.0f}" if unit == "B" or round(value, 1) >= 100 else f"{value:.1f}"
+        if float(text) < 1000 or unit == "GB":
+            return f"{text} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
 
 
 def duration(seconds: float) -> str:
-    if seconds < 60:
+    if round(seconds) < 60:
         return f"{seconds:.0f} s"
-    if seconds < 3600:
+    if round(seconds / 60) < 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"

@@ -56,9 +56,9 @@ class Store:
     def ingest(self, source: Path) -> Artifact:
         """Copy a model file, or a folder holding ``model.onnx``, into the store."""
         files = _source_files(source)
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             digests, size = {}, 0
             for rel, src in files:
@@ -91,13 +91,19 @@ def _source_files(source: Path) -> list[tuple[str, Path]]:
         raise BadRequest(f"folder '{source}' has no {MODEL_FILE}")
     root = source.resolve()
     files = []
-    for path in sorted(source.rglob("*")):
-        if path.is_file():
+    for folder, _, names in os.walk(source, onerror=_unreadable_folder):
+        for name in names:
+            path = Path(folder) / name
             if not path.resolve().is_relative_to(root):
                 raise BadRequest(f"'{path}' links outside the model folder")
-            _check_readable(path)
-            files.append((path.relative_to(source).as_posix(), path))
-    return files
+            if path.is_file():
+                _check_readable(path)
+                files.append((path.relative_to(source).as_posix(), path))
+    return sorted(files)
+
+
+def _unreadable_folder(exc: OSError) -> None:
+    raise BadRequest(f"cannot read '{exc.filename}': {exc.strerror or exc}")
 
 
 def _check_readable(path: Path) -> None:

@@ -29,7 +29,7 @@ HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets the crash count
 
 def backoff(crashes: int) -> float:
     """Seconds to wait before restart number ``crashes``: 0.25, 0.5, 1, 2 ... up to 30."""
-    return min(BACKOFF_MAX_S, 0.25 * 2 ** max(0, crashes - 1))
+    return min(BACKOFF_MAX_S, 0.25 * 2 ** min(max(0, crashes - 1), 16))
 
 
 class WorkerProcess:

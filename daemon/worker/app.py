@@ -89,12 +89,20 @@ class Serving:
     async def run(self, model: LoadedModel, feeds: dict, names: list[str]) -> list:
         """One model run in a thread: the event loop keeps answering meanwhile."""
         loop = asyncio.get_running_loop()
+        queued = time.perf_counter()
+
+        def timed_run():
+            start = time.perf_counter()
+            self.metrics.queue_time.observe(start - queued)
+            try:
+                return model.run(feeds, names)
+            finally:
+                self.metrics.inference_time.observe(time.perf_counter() - start)
+
         self.metrics.queue_depth.inc()
-        start = time.perf_counter()
         try:
-            return await loop.run_in_executor(self.executor, model.run, feeds, names)
+            return await loop.run_in_executor(self.executor, timed_run)
         finally:
-            self.metrics.inference_time.observe(time.perf_counter() - start)
             self.metrics.batch_size.observe(1)
             self.metrics.queue_depth.dec()
 

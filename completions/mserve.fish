@@ -1,0 +1,1 @@
+complete --command mserve --no-files --arguments "(env _MSERVE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) mserve)" --condition "env _MSERVE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) mserve"

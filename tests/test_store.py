@@ -1,0 +1,246 @@
+"""Unit tests for daemon/store.py: the content-addressed model store."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+
+import pytest
+
+from mserve.daemon import store as store_mod
+from mserve.daemon.errors import BadRequest
+from mserve.daemon.store import MODEL_FILE, TMP_PREFIX, Store, StoreError
+
+MODEL = b"\x08\x07fake-onnx-graph" * 100
+WEIGHTS = bytes(range(256)) * 64
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "models")
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "src" / "m.onnx"
+    path.parent.mkdir()
+    path.write_bytes(MODEL)
+    return path
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "data").mkdir(parents=True)
+    (folder / MODEL_FILE).write_bytes(MODEL)
+    (folder / "data" / "weights.bin").write_bytes(WEIGHTS)
+    return folder
+
+
+def store_entries(store: Store) -> list[str]:
+    return sorted(p.name for p in store.root.iterdir()) if store.root.exists() else []
+
+
+# ---- ingest ------------------------------------------------------------------------------
+
+def test_lone_file_is_named_by_its_sha256(store, model_file):
+    art = store.ingest(model_file)
+    assert art.sha256 == sha(MODEL)
+    assert art.size == len(MODEL)
+    assert art.path == store.root / sha(MODEL) / MODEL_FILE
+    assert art.path.read_bytes() == MODEL
+    assert art.source == str(model_file)
+    assert store.has(art.sha256)
+    assert store.path_of(art.sha256) == art.path
+
+
+def test_folder_with_external_data_is_copied_whole(store, model_folder):
+    art = store.ingest(model_folder)
+    stored = store.root / art.sha256
+    assert art.path == stored / MODEL_FILE
+    assert (stored / MODEL_FILE).read_bytes() == MODEL
+    assert (stored / "data" / "weights.bin").read_bytes() == WEIGHTS
+    assert art.size == len(MODEL) + len(WEIGHTS)
+
+
+def test_folder_hash_is_hash_of_sorted_manifest(store, model_folder):
+    art = store.ingest(model_folder)
+    manifest = f"{sha(WEIGHTS)}  data/weights.bin\n{sha(MODEL)}  {MODEL_FILE}\n"
+    assert art.sha256 == sha(manifest.encode())
+    assert art.sha256 != sha(MODEL)
+
+
+def test_folder_hash_changes_with_external_data(store, model_folder):
+    first = store.ingest(model_folder)
+    (model_folder / "data" / "weights.bin").write_bytes(WEIGHTS + b"!")
+    second = store.ingest(model_folder)
+    assert first.sha256 != second.sha256
+    assert (store.root / first.sha256 / "data" / "weights.bin").read_bytes() == WEIGHTS
+
+
+def test_identical_content_dedupes_to_one_folder(store, tmp_path, model_file):
+    other = tmp_path / "elsewhere" / "copy.onnx"
+    other.parent.mkdir()
+    other.write_bytes(MODEL)
+    a = store.ingest(model_file)
+    b = store.ingest(other)
+    assert a.sha256 == b.sha256
+    assert a.path == b.path
+    assert b.source == str(other)
+    assert store_entries(store) == [a.sha256]  # no second folder, no .tmp- leftover
+
+
+def test_identical_folders_dedupe(store, tmp_path, model_folder):
+    twin = tmp_path / "twin"
+    (twin / "data").mkdir(parents=True)
+    (twin / MODEL_FILE).write_bytes(MODEL)
+    (twin / "data" / "weights.bin").write_bytes(WEIGHTS)
+    assert store.ingest(model_folder).sha256 == store.ingest(twin).sha256
+    assert len(store_entries(store)) == 1
+
+
+def test_later_edits_of_source_do_not_change_stored_copy(store, model_file):
+    art = store.ingest(model_file)
+    model_file.write_bytes(b"edited")
+    assert art.path.read_bytes() == MODEL
+    assert sha(art.path.read_bytes()) == art.sha256
+
+
+def test_empty_file_is_stored(store, tmp_path):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    art = store.ingest(empty)
+    assert (art.sha256, art.size) == (sha(b""), 0)
+    assert art.path.read_bytes() == b""
+
+
+def test_symlink_inside_folder_is_stored_as_plain_copy(store, model_folder):
+    (model_folder / "alias.bin").symlink_to(model_folder / "data" / "weights.bin")
+    art = store.ingest(model_folder)
+    alias = store.root / art.sha256 / "alias.bin"
+    assert not alias.is_symlink()
+    assert alias.read_bytes() == WEIGHTS
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+def test_missing_path(store, tmp_path):
+    with pytest.raises(BadRequest, match="does not exist"):
+        store.ingest(tmp_path / "nope.onnx")
+    assert store_entries(store) == []
+
+
+def test_folder_without_model_onnx(store, tmp_path):
+    folder = tmp_path / "nomodel"
+    folder.mkdir()
+    (folder / "other.onnx").write_bytes(MODEL)
+    with pytest.raises(BadRequest, match="has no model.onnx"):
+        store.ingest(folder)
+    assert store_entries(store) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file(store, model_file):
+    model_file.chmod(0)
+    try:
+        with pytest.raises(BadRequest, match="permission denied"):
+            store.ingest(model_file)
+    finally:
+        model_file.chmod(0o644)
+    assert store_entries(store) == []
+
+
+def test_unreadable_file_in_folder_simulated(store, model_folder, monkeypatch):
+    """Same check as above, simulated so that it also runs as root."""
+    blocked = model_folder / "data" / "weights.bin"
+    real_access = os.access
+    monkeypatch.setattr(store_mod.os, "access",
+                        lambda p, mode: False if p == blocked else real_access(p, mode))
+    with pytest.raises(BadRequest, match="cannot read .*weights.bin.*permission denied"):
+        store.ingest(model_folder)
+    assert store_entries(store) == []
+
+
+def test_unlistable_subfolder_is_an_error_not_silently_skipped(store, model_folder, monkeypatch):
+    """Simulates a subfolder without read permission (root could list it anyway)."""
+    blocked = os.fspath(model_folder / "data")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == blocked:
+            raise PermissionError(errno.EACCES, "Permission denied", blocked)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(BadRequest):
+        store.ingest(model_folder)
+    assert store_entries(store) == []
+
+
+def test_symlink_pointing_outside_folder(store, tmp_path, model_folder):
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(b"not part of the model")
+    (model_folder / "ext.bin").symlink_to(outside)
+    with pytest.raises(BadRequest, match="links outside the model folder"):
+        store.ingest(model_folder)
+    assert store_entries(store) == []
+
+
+def test_model_onnx_symlink_pointing_outside_folder(store, tmp_path, model_file):
+    folder = tmp_path / "linked"
+    folder.mkdir()
+    (folder / MODEL_FILE).symlink_to(model_file)
+    with pytest.raises(BadRequest, match="links outside"):
+        store.ingest(folder)
+
+
+def test_no_space_left_during_copy(store, model_folder, monkeypatch):
+    real_copy = store_mod._copy_hashed
+    calls = []
+
+    def copy_then_fill_disk(src, dst):
+        calls.append(dst)
+        if len(calls) == 1:
+            return real_copy(src, dst)  # the first file goes through
+        dst.write_bytes(b"partial")    # the second one runs out of space midway
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_mod, "_copy_hashed", copy_then_fill_disk)
+    with pytest.raises(StoreError, match="no space left") as info:
+        store.ingest(model_folder)
+    assert info.value.status == 507
+    assert len(calls) == 2
+    assert store_entries(store) == []  # neither a .tmp- folder nor a final one
+
+
+def test_unwritable_store_maps_to_store_error(store, model_file, monkeypatch):
+    def denied(src, dst):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(store_mod.os, "rename", denied)
+    with pytest.raises(StoreError, match="cannot write the model store"):
+        store.ingest(model_file)
+    assert store_entries(store) == []
+
+
+# ---- clean_partial ---------------------------------------------------------------------
+
+def test_clean_partial_removes_only_tmp_folders(store, model_file):
+    art = store.ingest(model_file)
+    leftover = store.root / f"{TMP_PREFIX}deadbeef"
+    (leftover / "sub").mkdir(parents=True)
+    (leftover / "sub" / "model.onnx").write_bytes(b"half")
+    removed = store.clean_partial()
+    assert removed == [leftover.name]
+    assert not leftover.exists()
+    assert store_entries(store) == [art.sha256]
+    assert art.path.read_bytes() == MODEL
+
+
+def test_clean_partial_without_store_folder(store):
+    assert store.clean_partial() == []
