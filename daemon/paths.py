@@ -7,8 +7,10 @@ used, with the socket in the user runtime folder when there is a usable one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +55,7 @@ def resolve() -> Paths:
     env = os.environ.get("MSERVE_HOME")
     if env:
         home = Path(env).expanduser().absolute()
-        return Paths(home=home, socket=home / SOCKET_NAME)
+        return Paths(home=home, socket=_short_socket(home, home / SOCKET_NAME))
     import platformdirs  # only needed without MSERVE_HOME
 
     home = Path(platformdirs.user_data_dir(APP, appauthor=False))
@@ -67,7 +69,16 @@ def _runtime_socket(home: Path) -> Path:
         candidate = Path(runtime) / APP / SOCKET_NAME
         if len(os.fsencode(candidate)) <= MAX_SOCKET_PATH:
             return candidate
-    return home / SOCKET_NAME
+    return _short_socket(home, home / SOCKET_NAME)
+
+
+def _short_socket(home: Path, wanted: Path) -> Path:
+    """``wanted`` if it fits in a Unix socket address, else a private folder under /tmp named
+    after the home (so each home still has its own socket)."""
+    if len(os.fsencode(wanted)) <= MAX_SOCKET_PATH:
+        return wanted
+    digest = hashlib.sha256(os.fsencode(home)).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"mserve-{os.getuid()}-{digest}" / SOCKET_NAME
 
 
 def ensure_private_dir(path: Path) -> None:

@@ -80,3 +80,17 @@ def test_foreground_run_stops_on_sigterm(mserve, affine_v1):
         proc.kill()
         proc.wait()
     assert mserve.deployment("fg")["status"] == "ready"  # restored by the next command
+
+
+def test_a_long_home_gets_a_short_socket(tmp_path):
+    from tests.conftest import Mserve
+
+    home = tmp_path / ("deep-" * 20) / "home"
+    m = Mserve(home)
+    try:
+        info = m.json("daemon", "start")
+        assert len(info["socket"]) <= 100 and info["socket"] != str(home / "mserve.sock")
+        assert m.json("daemon", "status")["home"] == str(home)
+        assert m.json("list") == []
+    finally:
+        m.cleanup()
