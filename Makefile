@@ -8,10 +8,10 @@ DEMO_HOME ?= $(CURDIR)/.mserve-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -qq --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install -qq -e '.[test]'
 
 # Deploy the example iris classifier, predict, list. State lives in .mserve-demo/
 # (MSERVE_HOME); stop the daemon with `make demo-stop`.
