@@ -27,7 +27,7 @@ from mserve.daemon.supervisor import READY, Supervisor
 
 log = logging.getLogger("mserve.daemon")
 DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
-                   "instances": 1, "max_body_mb": 64}
+                   "max_queue": None, "instances": 1, "max_body_mb": 64}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
 
 

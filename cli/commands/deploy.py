@@ -29,9 +29,15 @@ def deploy(
     device: Annotated[Optional[Device], typer.Option(
         help="auto tries CUDA and falls back to the CPU.")] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(
-        min=1, help="Largest dynamic batch.")] = None,
+        min=1, help="Most rows per model run when batching concurrent requests (default 64; "
+                    "1 turns batching off).")] = None,
     batch_delay_ms: Annotated[Optional[float], typer.Option(
-        min=0, help="How long to wait to fill a batch.")] = None,
+        min=0, help="Wait this long for more requests to fill a batch (default 0: batches "
+                    "form from what queued while the previous run ran).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(
+        min=1, help="Requests allowed to wait; past it answers 503 (default 1024).")] = None,
+    max_body_mb: Annotated[Optional[float], typer.Option(
+        min=0.001, help="Largest request body in MiB; past it answers 413 (default 64).")] = None,
     instances: Annotated[Optional[int], typer.Option(
         min=1, max=64, help="ONNX Runtime sessions per version.")] = None,
     token: Annotated[Optional[str], typer.Option(
@@ -52,7 +58,8 @@ def deploy(
     request = {"path": str(path.expanduser().absolute()), "name": name, "port": port,
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
-               "instances": instances, "token": token}
+               "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
+               "token": token}
     answer = autostart.client().deploy(request)
     if json_out:
         emit_json(answer)

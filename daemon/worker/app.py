@@ -7,7 +7,6 @@ Prometheus ``/metrics``. Every error is ``{"error": ...}`` with the status of it
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -22,6 +21,7 @@ import orjson
 from mserve.daemon.errors import (BadRequest, MserveError, NotFound, PayloadTooLarge,
                                   Unauthorized, Unavailable)
 from mserve.daemon.worker import codecs, codecs_v1
+from mserve.daemon.worker.batcher import Batcher
 from mserve.daemon.worker.metrics import Metrics
 from mserve.daemon.worker.runtime import LoadedModel
 
@@ -43,20 +43,30 @@ class ClientGone(Exception):
 class Serving:
     """What one worker serves: the loaded versions of one deployment and its options."""
 
-    def __init__(self, name: str, *, token_hash: str | None = None, max_body_mb: float = 64,
-                 max_elements: int = 64 * 2**20, threads: int = 4):
+    def __init__(self, name: str, *, token_hash: str | None = None, options: dict | None = None):
+        options = options or {}
         self.name = name
         self.models: dict[int, LoadedModel] = {}
+        self.batchers: dict[int, Batcher] = {}
         self.active: int | None = None
         self.token_hash = token_hash
-        self.max_body = int(max_body_mb * 2**20)
-        self.max_elements = max_elements
+        self.options = options
+        self.max_body = int((options.get("max_body_mb") or 64) * 2**20)
+        self.max_elements = int(options.get("max_elements") or codecs.DEFAULT_MAX_ELEMENTS)
         self.metrics = Metrics(name)
-        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="infer")
+        self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
 
     # ---- versions (changed by the daemon through the control channel) -----------------
     def add(self, model: LoadedModel) -> None:
+        """Make ``model`` servable (pinned requests); call on the event loop."""
+        old = self.batchers.pop(model.number, None)
+        if old:
+            old.close()
         self.models[model.number] = model
+        self.batchers[model.number] = Batcher(
+            model, self.executor, self.metrics, max_batch_size=self.options.get("max_batch_size"),
+            batch_delay_ms=self.options.get("batch_delay_ms"),
+            max_queue=self.options.get("max_queue"))
         self.metrics.load_time.labels(str(model.number)).set(model.load_ms / 1000)
 
     def activate(self, number: int, keep: list[int]) -> None:
@@ -67,6 +77,7 @@ class Serving:
         for n in list(self.models):
             if n != number and n not in keep:
                 del self.models[n]  # in-flight requests hold their own reference
+                self.batchers.pop(n).close()  # it finishes what is queued
                 self.metrics.load_time.remove(str(n))
 
     def check_name(self, name: str) -> None:
@@ -87,24 +98,11 @@ class Serving:
                            f"(loaded: {loaded})") from None
 
     async def run(self, model: LoadedModel, feeds: dict, names: list[str]) -> list:
-        """One model run in a thread: the event loop keeps answering meanwhile."""
-        loop = asyncio.get_running_loop()
-        queued = time.perf_counter()
-
-        def timed_run():
-            start = time.perf_counter()
-            self.metrics.queue_time.observe(start - queued)
-            try:
-                return model.run(feeds, names)
-            finally:
-                self.metrics.inference_time.observe(time.perf_counter() - start)
-
-        self.metrics.queue_depth.inc()
-        try:
-            return await loop.run_in_executor(self.executor, timed_run)
-        finally:
-            self.metrics.batch_size.observe(1)
-            self.metrics.queue_depth.dec()
+        """Queue one request on its version's batcher; the model runs in a thread."""
+        batcher = self.batchers.get(model.number)
+        if batcher is None:  # unloaded while this request was being read
+            raise Unavailable(f"version {model.number} was unloaded; retry")
+        return await batcher.submit(feeds, names)
 
 
 class WorkerApp:

@@ -74,9 +74,9 @@ def bind(host: str, port: int, retry_seconds: float) -> socket.socket:
             time.sleep(0.1)
 
 
-def load_versions(serving: Serving, config: dict) -> None:
-    """Load the active version (required) and the standby one (best effort)."""
-    opts = config["options"]
+def load_versions(config: dict) -> tuple[list, int]:
+    """Load the active version (required) and the standby one (best effort): (models, active)."""
+    opts, models, active = config["options"], [], None
     for entry in config["versions"]:
         try:
             model = runtime.load(entry["number"], entry["path"], opts.get("device", "auto"),
@@ -86,9 +86,10 @@ def load_versions(serving: Serving, config: dict) -> None:
                 raise
             log.warning("standby version %s not loaded: %s", entry["number"], exc.message)
             continue
-        serving.add(model)
+        models.append(model)
         if entry.get("active"):
-            serving.active = model.number
+            active = model.number
+    return models, active
 
 
 class Control:
@@ -126,6 +127,7 @@ class Control:
         op = msg.get("op")
         if op == "load":
             opts = {**self.config["options"], **msg.get("options", {})}
+            self.serving.options = opts
             model = await asyncio.to_thread(
                 runtime.load, msg["number"], msg["path"], opts.get("device", "auto"),
                 opts.get("instances", 1), opts.get("threads", 0))
@@ -141,7 +143,12 @@ class Control:
         raise MserveError(f"unknown command {op!r}")
 
 
-async def serve(serving: Serving, sock: socket.socket, channel: Channel, config: dict) -> None:
+async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
+                channel: Channel, config: dict) -> None:
+    models, active = loaded
+    for model in models:
+        serving.add(model)
+    serving.active = active
     uv = uvicorn.Config(WorkerApp(serving), http="httptools", lifespan="off", access_log=False,
                         log_level="warning", timeout_graceful_shutdown=config.get("drain_s", 30),
                         backlog=2048)
@@ -166,10 +173,9 @@ def main(argv: list[str]) -> int:
         channel.send({"event": "failed", "error": _bind_error(exc, config)})
         return EXIT_BIND
     opts = config["options"]
-    serving = Serving(config["name"], token_hash=config.get("token_hash"),
-                      max_body_mb=opts.get("max_body_mb", 64))
+    serving = Serving(config["name"], token_hash=config.get("token_hash"), options=opts)
     try:
-        load_versions(serving, config)
+        loaded = load_versions(config)
     except MserveError as exc:
         channel.send({"event": "failed", "error": exc.message})
         return EXIT_LOAD
@@ -178,7 +184,7 @@ def main(argv: list[str]) -> int:
         import uvloop
 
         runner = uvloop.run
-    runner(serve(serving, sock, channel, config))
+    runner(serve(serving, loaded, sock, channel, config))
     return 0
 
 

@@ -61,9 +61,11 @@ class LoadedModel:
             "load_ms": round(self.load_ms, 1),
         }
 
-    def run(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], names: list[str],
+            session: int | None = None) -> list[np.ndarray]:
         """One blocking ``session.run`` (call it from a thread: ONNX Runtime releases the GIL)."""
-        session = self.sessions[next(self._turn) % len(self.sessions)]
+        index = next(self._turn) if session is None else session
+        session = self.sessions[index % len(self.sessions)]
         feeds = {k: _text(k, v) if v.dtype == object else v for k, v in feeds.items()}
         try:
             results = session.run(names, feeds)

@@ -1,0 +1,110 @@
+"""The load generator: wrk (found on PATH, or installed with apt when running as root), driven
+by post.lua, and a parser for its ``--latency`` report."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from payloads import Body
+
+LUA = Path(__file__).with_name("post.lua")
+UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+class LoadgenError(RuntimeError):
+    """wrk is missing and cannot be installed, or a wrk run failed."""
+
+
+@dataclass
+class WrkResult:
+    """One measured wrk run. Latencies in milliseconds."""
+
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    non2xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        """Non-2xx/3xx responses plus socket errors (connect, read, write, timeout)."""
+        return self.non2xx + sum(self.socket_errors.values())
+
+    def error_text(self) -> str:
+        """'0', or what went wrong, e.g. 'non-2xx 12, timeout 3'."""
+        parts = [f"non-2xx {self.non2xx}"] if self.non2xx else []
+        parts += [f"{kind} {n}" for kind, n in self.socket_errors.items() if n]
+        return ", ".join(parts) or "0"
+
+
+def ensure_wrk() -> str:
+    """Path of wrk; installs the Debian package when missing and running as root."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise LoadgenError("wrk is not on PATH: install it (Debian/Ubuntu: "
+                           "`sudo apt-get install -y wrk`) and run again")
+    print("wrk not found: apt-get update && apt-get install -y wrk", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise LoadgenError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
+    found = shutil.which("wrk")
+    if not found:
+        raise LoadgenError("apt-get installed wrk but it is still not on PATH")
+    return found
+
+
+def threads_for(connections: int) -> int:
+    """1 wrk thread for one connection, 2 otherwise (the machine has 2 cores)."""
+    return 1 if connections <= 1 else 2
+
+
+def run_wrk(wrk: str, url: str, body: Body, connections: int, seconds: float) -> WrkResult:
+    """POST ``body`` to ``url`` with ``connections`` keep-alive connections for ``seconds``."""
+    cmd = [wrk, "--latency", "--timeout", "10s", "-t", str(threads_for(connections)),
+           "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "-s", str(LUA), url]
+    env = {**os.environ, "BENCH_BODY": str(body.path), "BENCH_CONTENT_TYPE": body.content_type,
+           "BENCH_HEADER_LEN": "" if body.header_len is None else str(body.header_len)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                          timeout=seconds + 60)
+    if done.returncode != 0:
+        raise LoadgenError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return parse_wrk(done.stdout)
+
+
+def _latency_ms(text: str) -> float:
+    """'412.00us' -> 0.412, '1.23ms' -> 1.23, '2.00s' -> 2000.0."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not match:
+        raise LoadgenError(f"unreadable wrk latency {text!r}")
+    return float(match.group(1)) * UNITS_MS[match.group(2)]
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """Read req/s, the 50%/99% latency lines and the error counts from wrk's output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    total = re.search(r"^\s+(\d+) requests in", out, re.M)
+    if not (rps and total):
+        raise LoadgenError(f"unreadable wrk output:\n{out}")
+    result = WrkResult(rps=float(rps.group(1)), requests=int(total.group(1)),
+                       p50_ms=_latency_ms(p50.group(1)) if p50 else float("nan"),
+                       p99_ms=_latency_ms(p99.group(1)) if p99 else float("nan"))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    result.non2xx = int(non2xx.group(1)) if non2xx else 0
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                        out)
+    if sockets:
+        kinds = ("connect", "read", "write", "timeout")
+        result.socket_errors = dict(zip(kinds, map(int, sockets.groups())))
+    return result

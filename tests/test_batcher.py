@@ -1,0 +1,107 @@
+"""The batcher with a fake model (a seam): merging, splitting, isolation, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from mserve.daemon.errors import BadRequest
+from mserve.daemon.worker.batcher import Batcher, Overloaded
+from mserve.daemon.worker.metrics import Metrics
+
+
+class FakeModel:
+    """Doubles its input; rows equal to -1 are 'bad' and make the whole run fail."""
+
+    def __init__(self, batchable=True, gate: asyncio.Event | None = None):
+        self.sessions = [object()]
+        self.batchable = batchable
+        self.runs: list[int] = []
+        self.gate = gate
+
+    def run(self, feeds, names, session=None):
+        x = feeds["x"]
+        self.runs.append(len(x))
+        if (x == -1).any():
+            raise BadRequest("bad row")
+        return [x * 2]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def burst(batcher, arrays):
+    return await asyncio.gather(*(batcher.submit({"x": a}, ["y"]) for a in arrays),
+                                return_exceptions=True)
+
+
+def make(model, **kw):
+    return Batcher(model, ThreadPoolExecutor(2), Metrics("t"), **kw)
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_rows():
+    async def main():
+        model = FakeModel()
+        batcher = make(model)
+        arrays = [np.full((1 + i % 3, 2), i, dtype=np.float32) for i in range(20)]
+        results = await burst(batcher, arrays)
+        for a, r in zip(arrays, results):
+            np.testing.assert_array_equal(r[0], a * 2)
+        assert len(model.runs) < len(arrays) and sum(model.runs) == sum(len(a) for a in arrays)
+    run(main())
+
+
+def test_a_bad_request_fails_alone():
+    async def main():
+        batcher = make(FakeModel())
+        arrays = [np.ones((1, 2), np.float32)] * 3 + [np.full((1, 2), -1, np.float32)]
+        results = await burst(batcher, arrays * 2)
+        bad = [r for r in results if isinstance(r, BaseException)]
+        assert len(bad) == 2 and all(isinstance(b, BadRequest) for b in bad)
+        assert sum(1 for r in results if not isinstance(r, BaseException)) == 6
+    run(main())
+
+
+def test_different_shapes_are_never_mixed_and_batches_are_bounded():
+    async def main():
+        model = FakeModel()
+        batcher = make(model, max_batch_size=4)
+        arrays = [np.ones((1, 2), np.float32), np.ones((1, 3), np.float32)] * 6
+        results = await burst(batcher, arrays)
+        assert all(r[0].shape == a.shape for a, r in zip(arrays, results))
+        assert max(model.runs) <= 4
+    run(main())
+
+
+def test_models_without_a_batch_dimension_run_one_by_one():
+    async def main():
+        model = FakeModel(batchable=False)
+        await burst(make(model), [np.ones((2, 2), np.float32)] * 5)
+        assert model.runs == [2] * 5
+    run(main())
+
+
+def test_a_full_queue_answers_overloaded_at_once():
+    async def main():
+        batcher = make(FakeModel(), max_queue=3)
+        results = await burst(batcher, [np.ones((1, 2), np.float32)] * 10)
+        overloaded = [r for r in results if isinstance(r, Overloaded)]
+        assert overloaded and overloaded[0].status == 503
+        assert sum(1 for r in results if not isinstance(r, BaseException)) >= 3
+    run(main())
+
+
+@pytest.mark.parametrize("delay", [0, 5])
+def test_close_finishes_what_is_queued(delay):
+    async def main():
+        batcher = make(FakeModel(), batch_delay_ms=delay)
+        task = asyncio.ensure_future(burst(batcher, [np.ones((1, 2), np.float32)] * 4))
+        await asyncio.sleep(0)
+        batcher.close()
+        results = await task
+        assert all(not isinstance(r, BaseException) for r in results)
+    run(main())
