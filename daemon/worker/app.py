@@ -129,6 +129,7 @@ class WorkerApp:
             log.exception("unexpected error on %s %s", method, path)
             status, body, headers = 500, codecs.encode_error("internal error (see the "
                                                              "deployment log)"), JSON
+        headers = [*headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -151,7 +151,8 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
     serving.active = active
     uv = uvicorn.Config(WorkerApp(serving), http="httptools", lifespan="off", access_log=False,
                         log_level="warning", timeout_graceful_shutdown=config.get("drain_s", 30),
-                        backlog=2048)
+                        backlog=2048, proxy_headers=False, server_header=False,
+                        date_header=False)
     server = QuietServer(uv)
     control = Control(serving, channel, server, config)
     loop = asyncio.get_running_loop()

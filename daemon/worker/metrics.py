@@ -45,12 +45,18 @@ class Metrics:
         self.info = Gauge("mserve_deployment_info", "The deployment this worker serves.",
                           ["deployment"], registry=registry)
         self.info.labels(deployment).set(1)
+        self._children: dict[tuple[str, int], tuple] = {}
 
     def observe_request(self, version: str, status: int, seconds: float) -> None:
-        outcome = "success" if status < 400 else "failure"
-        self.requests.labels(version, outcome, str(status)).inc()
+        key = (version, status)
+        children = self._children.get(key)
+        if children is None:  # label lookups are slow: one per (version, status), cached
+            outcome = "success" if status < 400 else "failure"
+            children = self._children[key] = (self.requests.labels(version, outcome, str(status)),
+                                               self.latency.labels(version))
+        children[0].inc()
         if status < 400:
-            self.latency.labels(version).observe(seconds)
+            children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

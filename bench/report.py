@@ -1,0 +1,122 @@
+"""The results as Markdown: the matrix with ratios to the FastAPI baseline, the targets with
+PASS/MISS, the machine; and docs/benchmarks.md, whose results section is replaced."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
+MARKER = "<!-- Everything below is written by bench/run.py: edit the intro above only. -->"
+BASELINE = "fastapi"
+LABELS = {
+    "inproc": "in-process `session.run`",
+    "fastapi": "FastAPI + uvicorn (baseline)",
+    "kserve": "KServe ModelServer",
+    "mserve-json": "mserve, JSON",
+    "mserve-bin": "mserve, binary tensors",
+}
+INTRO = """# Benchmarks
+
+How fast mserve serves a model compared with what a user would otherwise run, measured by
+`bench/run.py` (`make bench`). Method:
+
+- **Same machine, same run.** Every contender serves the same ONNX models (built by
+  `bench/models.py` from fixed seeds) on 127.0.0.1 with the same ONNX Runtime version, and
+  answers the same Open Inference Protocol request, `POST /v2/models/NAME/infer` with one
+  `[1, F]` FP32 row. The load generator (`wrk`, closed loop, keep-alive connections) runs on
+  the same machine as the server: **client and server share the CPU cores**, so req/s is what
+  the pair achieves together, not what a server alone could do.
+- **Ratios are against the baseline measured in the same run**: a FastAPI + uvicorn +
+  onnxruntime server written the way a typical user writes one (pydantic request model, numpy,
+  `session.run`, FastAPI's default JSON response, one uvicorn worker, default settings). req/s
+  ratio = contender / baseline (higher is better); latency ratio = contender / baseline (lower
+  is better).
+- Each cell: a warm-up run, then a measured run. `c` is the number of concurrent connections;
+  wrk uses 1 thread for c=1 and 2 threads otherwise.
+- The in-process row is `session.run` in a Python loop with no network: the physical limit
+  for one thread. It is measured once (single-threaded) and shown at c=1 only.
+"""
+
+
+@dataclass
+class Row:
+    """One cell of the matrix. ``rps`` is None when the contender did not run (``note``)."""
+
+    model: str
+    conc: int
+    contender: str
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    errors: int = 0
+    error_text: str = "0"
+    note: str = ""
+
+
+def fmt_ms(ms: float | None) -> str:
+    """0.4123 -> '0.412 ms', 12.34 -> '12.3 ms'."""
+    if ms is None or math.isnan(ms):
+        return "n/a"
+    return f"{ms:.3g} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
+def fmt_ratio(value: float | None, base: float | None) -> str:
+    """value / base as '4.12×', or 'n/a'."""
+    if value is None or not base or math.isnan(value) or math.isnan(base):
+        return "n/a"
+    return f"{value / base:.2f}×"
+
+
+def baseline(rows: list[Row], row: Row) -> Row | None:
+    """The FastAPI row of the same model and concurrency, if it ran."""
+    for other in rows:
+        if (other.model, other.conc, other.contender) == (row.model, row.conc, BASELINE):
+            return other if other.rps is not None else None
+    return None
+
+
+def table(rows: list[Row]) -> str:
+    """The matrix as a Markdown table."""
+    lines = ["| model | c | contender | req/s | × base | p50 | × base | p99 | × base | errors |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        label = LABELS[row.contender]
+        if row.rps is None:
+            lines.append(f"| {row.model} | {row.conc} | {label} | {row.note} "
+                         "| | | | | | |")
+            continue
+        base = baseline(rows, row) or Row(row.model, row.conc, BASELINE)
+        errors = row.error_text if not row.errors else f"**⚠ {row.error_text}**"
+        lines.append(
+            f"| {row.model} | {row.conc} | {label} | {row.rps:,.0f} | {fmt_ratio(row.rps, base.rps)}"
+            f" | {fmt_ms(row.p50_ms)} | {fmt_ratio(row.p50_ms, base.p50_ms)}"
+            f" | {fmt_ms(row.p99_ms)} | {fmt_ratio(row.p99_ms, base.p99_ms)} | {errors} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    """CPU model, logical CPUs, memory and OS, from /proc."""
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem_kb = int(line.split()[1])
+    cpus = len(os.sched_getaffinity(0))
+    return (f"{cpu}, {cpus} logical CPUs (nproc), {mem_kb / 1024 ** 2:.1f} GiB RAM, "
+            f"{platform.system()} {platform.release()}")
+
+
+def write_doc(body: str) -> None:
+    """Replace everything after MARKER in docs/benchmarks.md (keep the intro) with ``body``."""
+    intro = INTRO
+    if DOC.exists() and MARKER in DOC.read_text():
+        intro = DOC.read_text().split(MARKER, 1)[0].rstrip("\n") + "\n"
+    DOC.write_text(f"{intro}\n{MARKER}\n\n{body.rstrip()}\n")

@@ -1,0 +1,104 @@
+"""The project's performance targets, each judged PASS or MISS from one run's figures.
+
+A load target whose rows had errors (non-2xx or socket errors) is a MISS: a server that
+answers errors fast must not pass on speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from report import Row
+
+
+@dataclass
+class Extras:
+    """The figures measured outside the load matrix (None: not measured in this run)."""
+
+    list_s: float | None = None
+    typer_s: float | None = None
+    deploy_s: float | None = None
+    rollback_s: float | None = None
+    rss_mb: dict[str, float] | None = None
+
+
+@dataclass
+class Verdict:
+    """One target: what it asks, what was measured, PASS / MISS / n/a."""
+
+    target: str
+    measured: str
+    status: str
+
+
+def _find(rows: list[Row], model: str, conc: int, contender: str) -> Row | None:
+    for row in rows:
+        if (row.model, row.conc, row.contender) == (model, conc, contender) and row.rps:
+            return row
+    return None
+
+
+def _ratio_target(rows: list[Row], text: str, num: tuple, den: tuple, field: str,
+                  limit: float, at_least: bool) -> Verdict:
+    """num's ``field`` / den's ``field`` compared with ``limit`` (>= if ``at_least``)."""
+    a, b = _find(rows, *num), _find(rows, *den)
+    if not (a and b):
+        return Verdict(text, "not measured in this run", "n/a")
+    ratio = getattr(a, field) / getattr(b, field)
+    unit = "req/s" if field == "rps" else "p50"
+    measured = (f"{ratio:.2f}× ({getattr(a, field):,.4g} vs {getattr(b, field):,.4g} "
+                f"{'req/s' if field == 'rps' else 'ms'}, {unit})")
+    errors = a.errors + b.errors
+    if errors:
+        return Verdict(text, f"{measured}; {errors} errors under load", "MISS")
+    ok = ratio >= limit if at_least else ratio <= limit
+    return Verdict(text, measured, "PASS" if ok else "MISS")
+
+
+def _value_target(text: str, value: float | None, limit: float, fmt: Callable) -> Verdict:
+    """``value`` < ``limit``."""
+    if value is None:
+        return Verdict(text, "not measured in this run", "n/a")
+    return Verdict(text, fmt(value), "PASS" if value < limit else "MISS")
+
+
+def judge(rows: list[Row], extras: Extras) -> list[Verdict]:
+    """Every target, in the issue's order."""
+    base, json_, binary = "fastapi", "mserve-json", "mserve-bin"
+    verdicts = [
+        _ratio_target(rows, "tiny c=32, mserve JSON req/s ≥ 4× baseline",
+                      ("tiny", 32, json_), ("tiny", 32, base), "rps", 4.0, True),
+        _ratio_target(rows, "mlp c=32, mserve JSON req/s ≥ 5× baseline",
+                      ("mlp", 32, json_), ("mlp", 32, base), "rps", 5.0, True),
+        _ratio_target(rows, "tiny c=1, mserve JSON p50 ≤ 0.5× baseline",
+                      ("tiny", 1, json_), ("tiny", 1, base), "p50_ms", 0.5, False),
+        _ratio_target(rows, "mlp c=1, mserve JSON p50 ≤ 0.5× baseline",
+                      ("mlp", 1, json_), ("mlp", 1, base), "p50_ms", 0.5, False),
+        _ratio_target(rows, "mlp c=32, mserve binary req/s ≥ 1.3× mserve JSON",
+                      ("mlp", 32, binary), ("mlp", 32, json_), "rps", 1.3, True),
+    ]
+    cli = None
+    if extras.list_s and extras.typer_s:
+        cli = extras.list_s / extras.typer_s
+    verdicts.append(_value_target(
+        "`mserve list --json` ≤ 1.5× `python -c \"import typer\"`",
+        cli, 1.5 + 1e-9,
+        lambda r: f"{r:.2f}× ({extras.list_s * 1e3:.0f} ms vs {extras.typer_s * 1e3:.0f} ms, "
+                  "medians of 20 alternated runs)"))
+    verdicts.append(_value_target("`mserve deploy` tiny, to ready, < 2 s", extras.deploy_s,
+                                  2.0, lambda s: f"{s:.2f} s (daemon start included)"))
+    verdicts.append(_value_target("`mserve rollback` < 0.5 s", extras.rollback_s, 0.5,
+                                  lambda s: f"{s:.3f} s"))
+    rss = max(extras.rss_mb.values()) if extras.rss_mb else None
+    verdicts.append(_value_target(
+        "worker RSS < 150 MB", rss, 150.0,
+        lambda mb: ", ".join(f"{k} {v:.0f} MB" for k, v in extras.rss_mb.items())))
+    return verdicts
+
+
+def verdict_table(verdicts: list[Verdict]) -> str:
+    """The targets as a Markdown table."""
+    lines = ["| target | measured | result |", "|---|---|---|"]
+    lines += [f"| {v.target} | {v.measured} | **{v.status}** |" for v in verdicts]
+    return "\n".join(lines)
