@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def ensure_wrk() -> str:
     print("wrk not found: apt-get update && apt-get install -y wrk", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise LoadgenError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
     found = shutil.which("wrk")
@@ -74,7 +75,7 @@ def run_wrk(wrk: str, url: str, body: Body, connections: int, seconds: float) ->
            "-c", str(connections), "-d", f"{max(1, round(seconds))}s", "-s", str(LUA), url]
     env = {**os.environ, "BENCH_BODY": str(body.path), "BENCH_CONTENT_TYPE": body.content_type,
            "BENCH_HEADER_LEN": "" if body.header_len is None else str(body.header_len)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True,
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True,
                           timeout=seconds + 60)
     if done.returncode != 0:
         raise LoadgenError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-500:]}")
@@ -91,10 +92,10 @@ def _latency_ms(text: str) -> float:
 
 def parse_wrk(out: str) -> WrkResult:
     """Read req/s, the 50%/99% latency lines and the error counts from wrk's output."""
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
-    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
-    total = re.search(r"^\s+(\d+) requests in", out, re.M)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.MULTILINE)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.MULTILINE)
+    total = re.search(r"^\s+(\d+) requests in", out, re.MULTILINE)
     if not (rps and total):
         raise LoadgenError(f"unreadable wrk output:\n{out}")
     result = WrkResult(rps=float(rps.group(1)), requests=int(total.group(1)),
@@ -108,3 +109,19 @@ def parse_wrk(out: str) -> WrkResult:
         kinds = ("connect", "read", "write", "timeout")
         result.socket_errors = dict(zip(kinds, map(int, sockets.groups())))
     return result
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs together, from /proc/stat."""
+    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def background_load(seconds: float = 0.5) -> float:
+    """Share (0..1) of all CPUs busy during ``seconds`` while this harness sits idle: other
+    processes on the machine, which distort the next measurement."""
+    busy0, total0 = _cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_times()
+    return (busy1 - busy0) / max(1, total1 - total0)

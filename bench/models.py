@@ -11,6 +11,7 @@ importing ONNX Runtime here.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def weights(name: str, variant: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(spec.seed + 1000 * variant)
     widths = [spec.features, *spec.hidden, spec.outputs]
     layers = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+    for fan_in, fan_out in itertools.pairwise(widths):
         w = rng.standard_normal((fan_in, fan_out)).astype(np.float32) * np.sqrt(2.0 / fan_in)
         b = rng.standard_normal(fan_out).astype(np.float32) * 0.1
         layers.append((w.astype(np.float32), b.astype(np.float32)))

@@ -33,7 +33,7 @@ class Mserve:
     def cli(self, *args: str, timeout: float = 180) -> tuple[object, float]:
         """Run ``mserve ARGS --json``; (parsed stdout, wall seconds)."""
         start = time.perf_counter()
-        done = subprocess.run([str(MSERVE), *args, "--json"], env=self.env, cwd=ROOT,
+        done = subprocess.run([str(MSERVE), *args, "--json"], check=False, env=self.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
         seconds = time.perf_counter() - start
         if done.returncode != 0:
@@ -97,3 +97,15 @@ def cli_startup(mserve: Mserve, runs: int = 20) -> dict:
     result["ratio"] = result["list"] / result["typer"]
     result["runs"] = runs
     return result
+
+
+def log_problems(logdir: Path) -> dict[str, str]:
+    """Per mserve log file, its first line that reports a crash or an error (none: absent)."""
+    signs = ("Traceback", "Fatal Python error", " ERROR ", "Segmentation fault")
+    found = {}
+    for log in sorted(logdir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if any(sign in line for sign in signs):
+                found[log.name] = line.strip()[:160]
+                break
+    return found

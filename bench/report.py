@@ -12,6 +12,7 @@ from pathlib import Path
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 MARKER = "<!-- Everything below is written by bench/run.py: edit the intro above only. -->"
 BASELINE = "fastapi"
+BUSY = 0.2
 LABELS = {
     "inproc": "in-process `session.run`",
     "fastapi": "FastAPI + uvicorn (baseline)",
@@ -27,18 +28,27 @@ How fast mserve serves a model compared with what a user would otherwise run, me
 - **Same machine, same run.** Every contender serves the same ONNX models (built by
   `bench/models.py` from fixed seeds) on 127.0.0.1 with the same ONNX Runtime version, and
   answers the same Open Inference Protocol request, `POST /v2/models/NAME/infer` with one
-  `[1, F]` FP32 row. The load generator (`wrk`, closed loop, keep-alive connections) runs on
-  the same machine as the server: **client and server share the CPU cores**, so req/s is what
-  the pair achieves together, not what a server alone could do.
+  `[1, F]` FP32 row; each answer is checked against numpy once before the load starts. The
+  load generator (`wrk`, closed loop, keep-alive connections) runs on the same machine as the
+  server: **client and server share the machine's cores** (2 on the reference machine), so
+  req/s is what the pair achieves together, not what a server alone could do.
 - **Ratios are against the baseline measured in the same run**: a FastAPI + uvicorn +
-  onnxruntime server written the way a typical user writes one (pydantic request model, numpy,
-  `session.run`, FastAPI's default JSON response, one uvicorn worker, default settings). req/s
-  ratio = contender / baseline (higher is better); latency ratio = contender / baseline (lower
-  is better).
-- Each cell: a warm-up run, then a measured run. `c` is the number of concurrent connections;
-  wrk uses 1 thread for c=1 and 2 threads otherwise.
+  onnxruntime server written the way a typical user writes one (`bench/fastapi_server.py`:
+  pydantic request model, numpy, `session.run`, FastAPI's default JSON response, one uvicorn
+  worker, default settings, so its access log is on; uvloop and httptools are installed, so
+  uvicorn uses them, as mserve does). req/s ratio = contender / baseline (higher is better);
+  latency ratio = contender / baseline (lower is better).
+- KServe: `kserve.ModelServer` (one worker, gRPC off, defaults otherwise, so its per-request
+  latency log line is on) serving a `kserve.Model` whose `predict` goes InferRequest -> numpy
+  -> `session.run` -> InferResponse (`bench/kserve_server.py`). FastAPI and KServe run in their
+  own venv, `bench/.venv`, with the project venv's onnxruntime and numpy versions.
+- mserve is deployed through its own CLI (`mserve deploy`, default options) in a fresh
+  `MSERVE_HOME`, and measured with JSON tensors and with Triton's binary tensor extension.
+- For each model every server is up; for each concurrency `c` (keep-alive connections) the
+  contenders run back to back, each with a warm-up run then a measured run. wrk uses 1 thread
+  at c=1 and 2 threads otherwise.
 - The in-process row is `session.run` in a Python loop with no network: the physical limit
-  for one thread. It is measured once (single-threaded) and shown at c=1 only.
+  for one thread. It is measured once (single thread) and shown at c=1 only.
 """
 
 
@@ -55,6 +65,11 @@ class Row:
     errors: int = 0
     error_text: str = "0"
     note: str = ""
+    background: float | None = None  # share of CPU busy just before the cell, see loadgen
+
+    def busy(self) -> bool:
+        """True when other processes used more than BUSY of the CPUs just before this cell."""
+        return self.background is not None and self.background > BUSY
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -68,7 +83,8 @@ def fmt_ratio(value: float | None, base: float | None) -> str:
     """value / base as '4.12×', or 'n/a'."""
     if value is None or not base or math.isnan(value) or math.isnan(base):
         return "n/a"
-    return f"{value / base:.2f}×"
+    ratio = value / base
+    return f"{ratio:.3f}×" if ratio < 0.1 else f"{ratio:.2f}×"
 
 
 def baseline(rows: list[Row], row: Row) -> Row | None:
@@ -91,6 +107,9 @@ def table(rows: list[Row]) -> str:
             continue
         base = baseline(rows, row) or Row(row.model, row.conc, BASELINE)
         errors = row.error_text if not row.errors else f"**⚠ {row.error_text}**"
+        errors = "–" if row.contender == "inproc" else errors
+        if row.busy():
+            errors += f" · **⚠ busy machine ({row.background:.0%} CPU)**"
         lines.append(
             f"| {row.model} | {row.conc} | {label} | {row.rps:,.0f} | {fmt_ratio(row.rps, base.rps)}"
             f" | {fmt_ms(row.p50_ms)} | {fmt_ratio(row.p50_ms, base.p50_ms)}"

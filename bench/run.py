@@ -26,7 +26,7 @@ import payloads
 import report
 import servers
 import targets
-from mservectl import Mserve, MserveError, cli_startup
+from mservectl import Mserve, MserveError, cli_startup, log_problems
 from report import Row
 
 WORK = Path(__file__).parent / ".work"
@@ -81,11 +81,15 @@ def parse_args(argv: list[str]) -> Plan:
         parser.error(f"unknown --only filter(s): {', '.join(sorted(tokens - known - {'mserve'}))}")
     if "mserve" in tokens:
         tokens |= {"mserve-json", "mserve-bin"}
-    pick = lambda options: [o for o in options if o in tokens] or list(options)  # noqa: E731
-    concs = {int(c[1:]) for c in pick([f"c{c}" for c in (1, 32, 64)])}
+    concs = {int(c[1:]) for c in _pick(["c1", "c32", "c64"], tokens)}
     duration, warmup = (2.0, 1.0) if args.quick else (args.duration, args.warmup)
-    return Plan(pick(list(MATRIX)), concs, pick(CONTENDERS), duration, warmup,
-                full=not (args.quick or tokens or args.no_docs))
+    return Plan(_pick(list(MATRIX), tokens), concs, _pick(list(CONTENDERS), tokens), duration,
+                warmup, full=not (args.quick or tokens or args.no_docs))
+
+
+def _pick(options: list[str], tokens: set[str]) -> list[str]:
+    """The options named in ``tokens``, or all of them when none is named."""
+    return [o for o in options if o in tokens] or options
 
 
 def prepare_bodies(ctx: Ctx) -> dict[str, object]:
@@ -102,6 +106,7 @@ def prepare_bodies(ctx: Ctx) -> dict[str, object]:
 def measure(ctx: Ctx, row: Row, url: str, body: payloads.Body, expected) -> Row:
     """Check one answer, warm up, then the measured wrk run, into ``row``."""
     wrong = payloads.check_answer(url, body, expected)
+    row.background = loadgen.background_load()
     if wrong:
         row.note = f"⚠ not run: {wrong}"
         return row
@@ -129,6 +134,7 @@ def inprocess_rows(ctx: Ctx, model: str) -> list[Row]:
             row.note = "n/a (single-thread loop, see c=1)"
         else:
             try:
+                row.background = loadgen.background_load()
                 got = servers.run_inprocess(ctx.paths[model], models.SPECS[model].features,
                                             ctx.plan.duration, ctx.plan.warmup)
                 row.rps, row.p50_ms, row.p99_ms = got["rps"], got["p50_ms"], got["p99_ms"]
@@ -224,10 +230,21 @@ def software(venv: servers.BenchVenv, wrk: str) -> str:
     bench = servers.versions(venv.python)
     ort = next((f"{d} {metadata.version(d)}" for d in ("onnxruntime-gpu", "onnxruntime")
                 if _installed(d)), "none")
-    wrk_v = subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split()[1]
-    return (f"Python {sys.version.split()[0]}; mserve {metadata.version('mserve')} with {ort} "
+    wrk_v = subprocess.run([wrk, "-v"], check=False, capture_output=True, text=True).stdout.split()[1]
+    return (f"Python {sys.version.split()[0]}; mserve {metadata.version('mserve')} "
+            f"({_revision()}) with {ort} "
             f"(CPU provider), numpy {metadata.version('numpy')}; bench/.venv: " +
             ", ".join(f"{k} {v}" for k, v in bench.items()) + f"; wrk {wrk_v}")
+
+
+def _revision() -> str:
+    """The checkout's commit, noting uncommitted changes to mserve's own code."""
+    git = ["git", "-C", str(Path(__file__).parent.parent)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=False,
+                          capture_output=True, text=True).stdout.strip() or "unknown commit"
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "cli", "daemon",
+                            "pyproject.toml"], check=False, capture_output=True, text=True)
+    return f"commit {head}" + (" + uncommitted changes" if dirty.stdout.strip() else "")
 
 
 def _installed(dist: str) -> bool:
@@ -245,24 +262,28 @@ def render(ctx: Ctx, rows: list[Row], info: dict, extras: targets.Extras, took: 
     today = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [
         "## Results", "",
-        f"- Date: {today}; command: `{command}` ({ctx.plan.warmup:g} s warm-up + "
-        f"{ctx.plan.duration:g} s measured per cell; the whole run took {took / 60:.1f} min)",
+        (f"- Date: {today}; command: `{command}` ({ctx.plan.warmup:g} s warm-up + "
+         f"{ctx.plan.duration:g} s measured per cell; the whole run took {took / 60:.1f} min)"),
         f"- Machine: {report.machine()}; wrk and the server under test share these cores",
         f"- Software: {software(ctx.venv, ctx.wrk)}",
         "", "### Throughput and latency (one [1, F] FP32 row per request)", "",
-        report.table(rows), "", *notes(ctx), "", "### Targets", "",
+        report.table(rows), "", *notes(ctx, rows), "", "### Targets", "",
         targets.verdict_table(verdicts), "", "### mserve control plane", "",
         *control_lines(info, extras)]
     return "\n".join(parts)
 
 
-def notes(ctx: Ctx) -> list[str]:
+def notes(ctx: Ctx, rows: list[Row]) -> list[str]:
     """The caveats printed under the table."""
-    lines = ["- `× base`: ratio to the FastAPI row of the same model and c (req/s: higher is "
-             "better; latency: lower is better). **⚠** marks errors (non-2xx responses or "
-             "socket errors counted by wrk) or a contender that could not run.",
+    lines = [("- `× base`: ratio to the FastAPI row of the same model and c (req/s: higher is "
+              "better; latency: lower is better). **⚠** marks errors (non-2xx responses or "
+              "socket errors counted by wrk) or a contender that could not run."),
              "- in-process: `session.run` in a loop in one thread, no HTTP; req/s = calls/s.",
              "- wrk: 1 thread at c=1, 2 threads at c≥32; `--timeout 10s`."]
+    loads = [r.background for r in rows if r.background is not None]
+    if loads:
+        lines.append(f"- Other processes' CPU use, sampled for 0.5 s before each cell: max "
+                     f"{max(loads):.0%} (**⚠ busy machine** above {report.BUSY:.0%}).")
     if ctx.venv.kserve_error:
         lines.append(f"- KServe not measured: {ctx.venv.kserve_error}")
     return lines
@@ -283,6 +304,9 @@ def control_lines(info: dict, extras: targets.Extras) -> list[str]:
                  f"{cli['runs']} alternated runs)")
     rss = ", ".join(f"{m} {mb:.0f} MB" for m, mb in (extras.rss_mb or {}).items())
     lines.append(f"- Worker RSS (VmRSS) after the load runs: {rss}")
+    problems = log_problems(WORK / "logs" / "mserve")
+    lines += [f"- **⚠ mserve log `{name}`** (the run included `mserve daemon stop`): `{line}`"
+              for name, line in problems.items()]
     return lines
 
 
@@ -294,6 +318,10 @@ def main(argv: list[str]) -> int:
     wrk = loadgen.ensure_wrk()
     ctx = Ctx(plan, wrk, servers.ensure_venv(), models.build_all(WORK, plan.models))
     expected, extras = prepare_bodies(ctx), targets.Extras()
+    load = loadgen.background_load(1.0)
+    if load > report.BUSY:
+        print(f"warning: other processes use {load:.0%} of the CPUs: figures will be "
+              "distorted (busy cells are flagged)", flush=True)
     print(f"models {plan.models}, c {sorted(plan.concs)}, contenders {plan.contenders}, "
           f"{plan.warmup:g} s warm-up + {plan.duration:g} s per cell", flush=True)
     try:

@@ -53,7 +53,7 @@ def _pip(*packages: str) -> str | None:
     """pip install into bench/.venv; None on success, else the tail of pip's error."""
     cmd = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
            *packages]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
     if done.returncode == 0:
         return None
     lines = [line for line in done.stderr.splitlines() if not line.startswith("WARNING")]
@@ -162,7 +162,7 @@ def run_inprocess(model: Path, features: int, seconds: float, warmup: float) -> 
     """bench/inprocess.py's result: calls, rps, p50_ms, p99_ms."""
     cmd = [str(PYTHON), str(BENCH / "inprocess.py"), str(model), str(features),
            str(seconds), str(warmup)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + warmup + 120)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=seconds + warmup + 120)
     if done.returncode != 0:
         raise ServerError(f"inprocess.py failed: {done.stderr.strip()[-500:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -176,5 +176,6 @@ def versions(python: Path) -> dict[str, str]:
             "    try: v[d] = m.version(d)\n"
             "    except m.PackageNotFoundError: pass\n"
             "print(json.dumps(v))")
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    done = subprocess.run([str(python), "-c", code], check=False, capture_output=True,
+                          text=True)
     return json.loads(done.stdout) if done.returncode == 0 else {}

@@ -6,10 +6,10 @@ answers errors fast must not pass on speed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from report import Row
+from report import Row, fmt_ms
 
 
 @dataclass
@@ -46,9 +46,10 @@ def _ratio_target(rows: list[Row], text: str, num: tuple, den: tuple, field: str
     if not (a and b):
         return Verdict(text, "not measured in this run", "n/a")
     ratio = getattr(a, field) / getattr(b, field)
-    unit = "req/s" if field == "rps" else "p50"
-    measured = (f"{ratio:.2f}× ({getattr(a, field):,.4g} vs {getattr(b, field):,.4g} "
-                f"{'req/s' if field == 'rps' else 'ms'}, {unit})")
+    if field == "rps":
+        measured = f"{ratio:.2f}× ({a.rps:,.0f} vs {b.rps:,.0f} req/s)"
+    else:
+        measured = f"{ratio:.2f}× (p50 {fmt_ms(a.p50_ms)} vs {fmt_ms(b.p50_ms)})"
     errors = a.errors + b.errors
     if errors:
         return Verdict(text, f"{measured}; {errors} errors under load", "MISS")

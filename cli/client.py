@@ -131,11 +131,19 @@ class DaemonClient:
 
 
 def request_url(url: str, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 60):
-    """A request to a deployment's port (for ``predict``): (status, headers, body)."""
+                headers: dict[str, str] | None = None, timeout: float = 60,
+                cafile: str | None = None):
+    """A request to a deployment's port (for ``predict``): (status, headers, body).
+    For https, ``cafile`` is the certificate to trust (the deployment's own)."""
     parts = urlsplit(url)
     try:
         sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        if parts.scheme == "https":
+            import ssl
+
+            context = ssl.create_default_context(cafile=cafile)
+            context.check_hostname = False  # a local self-signed certificate names no host
+            sock = context.wrap_socket(sock)
     except OSError as exc:
         raise MserveError(f"cannot reach {url}: {exc.strerror or exc}") from None
     try:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 from collections import defaultdict
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from mserve.daemon import state as st
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
-from mserve.daemon.paths import Paths, check_name
+from mserve.daemon.paths import Paths, check_name, ensure_private_dir
 from mserve.daemon.state import State
 from mserve.daemon.store import Store
 from mserve.daemon.supervisor import READY, Supervisor
@@ -48,16 +49,18 @@ class Deployments:
         worker = self.supervisor.get(d["name"])
         active = self.state.version(d["name"], d["active_version"]) or {}
         shown_host = "127.0.0.1" if d["host"] in ("0.0.0.0", "::", "") else d["host"]
+        scheme = "https" if d["options"].get("tls") else "http"
         return {
             "name": d["name"], "version": d["active_version"],
             "status": worker.status if worker else "loading",
-            "url": f"http://{_url_host(shown_host)}:{d['port']}", "port": d["port"],
+            "url": f"{scheme}://{_url_host(shown_host)}:{d['port']}", "port": d["port"],
             "host": d["host"], "device": active.get("meta", {}).get("device"),
             "versions": len(self.state.versions(d["name"])),
             "pid": worker.pid if worker else None,
             "restarts": worker.restarts if worker else 0,
             "error": worker.error if worker else None,
             "options": d["options"], "auth": d["token_hash"] is not None,
+            "tls_cert": (d["options"].get("tls") or {}).get("cert"),
             "created": d["created"], "updated": d["updated"],
         }
 
@@ -113,8 +116,32 @@ class Deployments:
         return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
                 "deployment": self.describe(d)}
 
+    def _store_tls(self, name: str, req: dict) -> dict | None:
+        """Copy --tls-cert/--tls-key into MSERVE_HOME/tls/NAME/ (0600), so the deployment
+        does not depend on files the user may move; None without TLS."""
+        if not req.get("tls_cert"):
+            return None
+        folder = self.paths.home / "tls" / name
+        ensure_private_dir(folder)
+        stored = {}
+        for key, target in (("tls_cert", "cert.pem"), ("tls_key", "key.pem")):
+            try:
+                data = Path(req[key]).read_bytes()
+            except OSError as exc:
+                raise BadRequest(f"cannot read {key.replace('_', '-')} '{req[key]}': "
+                                 f"{exc.strerror}") from None
+            path = folder / target
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            stored[target.split(".")[0]] = str(path)
+        return stored
+
     async def _first_deploy(self, name, version, options, token_hash, req) -> None:
         host = req.get("host") or "127.0.0.1"
+        tls = self._store_tls(name, req)
+        if tls:
+            options = {**options, "tls": tls}
         port = req.get("port") or self._free_port(host)
         if port in self.state.used_ports() or port in self._reserved_ports:
             raise Conflict(f"port {port} is already used by another deployment")
@@ -228,6 +255,7 @@ class Deployments:
             d = self.get(name)
             await self.supervisor.stop(name, timeout=drain_timeout())
             self.state.delete_deployment(name)
+            shutil.rmtree(self.paths.home / "tls" / name, ignore_errors=True)
             return {"name": name, "port": d["port"], "removed": True}
 
     # ---- restore and restart -----------------------------------------------------------
@@ -286,6 +314,9 @@ def drain_timeout() -> float:
 
 def _check_same_place(existing: dict, req: dict) -> None:
     name = existing["name"]
+    if req.get("tls_cert"):
+        raise Conflict(f"deployment '{name}' exists; TLS is set on its first deploy "
+                       "(undeploy it first to change it)")
     if req.get("port") and req["port"] != existing["port"]:
         raise Conflict(f"deployment '{name}' already serves on port {existing['port']}; "
                        "a deployment keeps its port (undeploy it first to change it)")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,6 +10,13 @@ import typer
 from mserve.cli import autostart
 from mserve.cli.render import JsonOption, emit_json, say
 from mserve.daemon.errors import MserveError
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _absolute(path: Path | None) -> str | None:
+    return str(path.expanduser().absolute()) if path is not None else None
 
 
 class Device(str, Enum):
@@ -44,6 +52,10 @@ def deploy(
         help="Require 'Authorization: Bearer TOKEN' on every route but health.")] = None,
     token_file: Annotated[Optional[Path], typer.Option(
         help="Read the token from this file.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(
+        help="Serve HTTPS with this PEM certificate (first deploy only).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(
+        help="The PEM private key of --tls-cert.")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Deploy a model, or a new version of a deployment, with no failed request.
@@ -55,11 +67,16 @@ def deploy(
             token = token_file.read_text().strip()
         except OSError as exc:
             raise MserveError(f"cannot read token file '{token_file}': {exc.strerror}") from None
+    if (tls_cert is None) != (tls_key is None):
+        raise MserveError("--tls-cert and --tls-key go together")
+    if host and host not in LOOPBACK and not token:
+        sys.stderr.write(f"Warning: binding {host} without --token: anyone who can reach this "
+                         "machine can use the model\n")
     request = {"path": str(path.expanduser().absolute()), "name": name, "port": port,
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
-               "token": token}
+               "token": token, "tls_cert": _absolute(tls_cert), "tls_key": _absolute(tls_key)}
     answer = autostart.client().deploy(request)
     if json_out:
         emit_json(answer)

@@ -45,9 +45,9 @@ def predict(
         body = document
     else:
         path = base + "/infer"
-        body = document if "inputs" in document else _from_mapping(d["url"], base, document,
-                                                                    headers)
-    status, _, payload = request_url(d["url"], "POST", path, json.dumps(body).encode(), headers)
+        body = document if "inputs" in document else _from_mapping(d, base, document, headers)
+    status, _, payload = request_url(d["url"], "POST", path, json.dumps(body).encode(), headers,
+                                     cafile=d.get("tls_cert"))
     answer = check(status, payload)
     if json_out:
         sys.stdout.write(json.dumps(answer) + "\n")
@@ -75,9 +75,10 @@ def _read_input(source: str | None) -> dict:
     return document
 
 
-def _from_mapping(url: str, base: str, mapping: dict, headers: dict) -> dict:
+def _from_mapping(d: dict, base: str, mapping: dict, headers: dict) -> dict:
     """Turn {"x": [[1, 2]]} into a protocol request, with dtypes from the model's metadata."""
-    status, _, payload = request_url(url, "GET", base, headers=headers)
+    status, _, payload = request_url(d["url"], "GET", base, headers=headers,
+                                     cafile=d.get("tls_cert"))
     meta = check(status, payload)
     declared = {i["name"]: i for i in meta["inputs"]}
     inputs = []

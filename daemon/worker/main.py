@@ -143,16 +143,23 @@ class Control:
         raise MserveError(f"unknown command {op!r}")
 
 
+def http_config(serving: Serving, config: dict) -> uvicorn.Config:
+    tls = config["options"].get("tls") or {}
+    uv = uvicorn.Config(WorkerApp(serving), http="httptools", lifespan="off", access_log=False,
+                        log_level="warning", timeout_graceful_shutdown=config.get("drain_s", 30),
+                        backlog=2048, proxy_headers=False, server_header=False,
+                        date_header=False, ssl_certfile=tls.get("cert"),
+                        ssl_keyfile=tls.get("key"))
+    uv.load()  # builds the TLS context now, so a bad certificate is a clean start-up error
+    return uv
+
+
 async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
-                channel: Channel, config: dict) -> None:
+                channel: Channel, config: dict, uv: uvicorn.Config) -> None:
     models, active = loaded
     for model in models:
         serving.add(model)
     serving.active = active
-    uv = uvicorn.Config(WorkerApp(serving), http="httptools", lifespan="off", access_log=False,
-                        log_level="warning", timeout_graceful_shutdown=config.get("drain_s", 30),
-                        backlog=2048, proxy_headers=False, server_header=False,
-                        date_header=False)
     server = QuietServer(uv)
     control = Control(serving, channel, server, config)
     loop = asyncio.get_running_loop()
@@ -173,8 +180,13 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         channel.send({"event": "failed", "error": _bind_error(exc, config)})
         return EXIT_BIND
-    opts = config["options"]
-    serving = Serving(config["name"], token_hash=config.get("token_hash"), options=opts)
+    serving = Serving(config["name"], token_hash=config.get("token_hash"),
+                      options=config["options"])
+    try:
+        uv = http_config(serving, config)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        channel.send({"event": "failed", "error": f"cannot use the TLS certificate or key: {exc}"})
+        return EXIT_LOAD
     try:
         loaded = load_versions(config)
     except MserveError as exc:
@@ -185,7 +197,7 @@ def main(argv: list[str]) -> int:
         import uvloop
 
         runner = uvloop.run
-    runner(serve(serving, loaded, sock, channel, config))
+    runner(serve(serving, loaded, sock, channel, config, uv))
     return 0
 
 
