@@ -9,16 +9,19 @@ serving version are what they were.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import socket
+import sqlite3
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from mserve.daemon import faults
 from mserve.daemon import state as st
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
 from mserve.daemon.paths import Paths, check_name, ensure_private_dir
@@ -90,6 +93,7 @@ class Deployments:
         if existing:
             _check_same_place(existing, req)
         artifact = await asyncio.to_thread(self.store.ingest, source)
+        await asyncio.to_thread(faults.pause, "after-copy")
         if existing:
             active = self.state.version(name, existing["active_version"])
             if active and active["sha256"] == artifact.sha256:
@@ -105,16 +109,32 @@ class Deployments:
             if existing:
                 version["meta"] = await self._switch_to_new(existing, version, options,
                                                             token_hash)
-                self.state.record_deploy(name, version, {**existing, "options": options,
-                                                         "token_hash": token_hash})
+                await self._record_or_undo(existing, version, {
+                    **existing, "options": options, "token_hash": token_hash})
             else:
                 await self._first_deploy(name, version, options, token_hash, req)
         except DeployFailed as exc:
-            self.state.record_failed(name, version, exc.message)
+            with contextlib.suppress(sqlite3.Error):
+                self.state.record_failed(name, version, exc.message)
             raise
         d = self.state.deployment(name)
         return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
                 "deployment": self.describe(d)}
+
+    async def _record_or_undo(self, d: dict | None, version: dict, row: dict) -> None:
+        """Record the switch; if SQLite cannot (disk full), switch the worker back so what
+        serves is what the state says."""
+        try:
+            self.state.record_deploy(row["name"], version, row)
+        except sqlite3.Error as exc:
+            worker = self.supervisor.get(row["name"])
+            if d is None:
+                await self.supervisor.stop(row["name"], timeout=5)
+            elif worker is not None and worker.status == READY:
+                await worker.request("activate", 10, number=d["active_version"],
+                                     keep=[d["active_version"]], token_hash=d["token_hash"])
+            raise MserveError(f"could not record the new version ({exc}); the previous "
+                              "state is unchanged") from None
 
     def _store_tls(self, name: str, req: dict) -> dict | None:
         """Copy --tls-cert/--tls-key into MSERVE_HOME/tls/NAME/ (0600), so the deployment
@@ -152,7 +172,7 @@ class Deployments:
             config = self._config(d, [(version, True)], bind_retry_s=0)
             event = await self._start_or_fail(name, config)
             version["meta"] = event["versions"][str(version["number"])]
-            self.state.record_deploy(name, version, d)
+            await self._record_or_undo(None, version, d)
         finally:
             self._reserved_ports.discard(port)
 

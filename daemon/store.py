@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from mserve.daemon import faults
 from mserve.daemon.errors import BadRequest, MserveError
 
 MODEL_FILE = "model.onnx"
@@ -119,6 +120,7 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
             digest.update(chunk)
             fout.write(chunk)
             size += len(chunk)
+            faults.pause("during-copy")
         fout.flush()
         os.fsync(fout.fileno())
     return digest.hexdigest(), size
@@ -142,8 +144,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _store_error(exc: OSError, source: Path) -> MserveError:
-    if exc.errno == errno.ENOSPC:
-        return StoreError(f"no space left on device while storing '{source}'; nothing was changed")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StoreError(f"no space left while storing '{source}' ({exc.strerror}); "
+                          "nothing was changed")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"cannot write the model store ({exc.strerror}); nothing was changed")
     return StoreError(f"could not store '{source}': {exc.strerror or exc}")

@@ -83,3 +83,37 @@ def fixed(path: Path) -> Path:
     one = numpy_helper.from_array(np.array(1, dtype=np.float32), "one")
     nodes = [helper.make_node("Add", ["x", "one"], ["y"])]
     return _save(helper.make_graph(nodes, "fixed", [x], [y], [one]), path)
+
+
+def _loop(path: Path, name: str, trip_count: int | None) -> Path:
+    """y = x after a Loop of empty iterations (about 0.6 µs each): from input ``n`` (INT64
+    scalar) when ``trip_count`` is None, else that constant."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    inputs, inits = [x], []
+    if trip_count is None:
+        inputs.append(helper.make_tensor_value_info("n", TensorProto.INT64, []))
+        trip = "n"
+    else:
+        inits.append(numpy_helper.from_array(np.array(trip_count, dtype=np.int64), "trip"))
+        trip = "trip"
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Identity", ["v_in"], ["v_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["N", 4])])
+    nodes = [helper.make_node("Loop", [trip, "", "x"], ["y"], body=body)]
+    return _save(helper.make_graph(nodes, name, inputs, [y], inits), path)
+
+
+def slow(path: Path) -> Path:
+    """A model whose run time the request chooses: n iterations (n = 3_000_000 ≈ 2 s)."""
+    return _loop(path, "slow", None)
+
+
+def hanging(path: Path) -> Path:
+    """A model that never finishes its warm-up run (2**62 iterations)."""
+    return _loop(path, "hanging", 2**62)
