@@ -109,9 +109,21 @@ def test_v1_predict_rows_and_columns(served):
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
 
 
+def _input(**fields) -> bytes:
+    item = {"name": "a", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3], **fields}
+    return json.dumps({"inputs": [item]}).encode()
+
+
 @pytest.mark.parametrize("body, status, words", [
     (b"not json", 400, "json"),
     (b"", 400, ""),
+    (b'{"outputs": []}', 400, "inputs"),
+    (_input(shape=[3]), 400, "rank"),
+    (_input(shape=[-1, 3]), 400, "shape"),
+    (_input(shape=[10**9, 10**9], data=[1]), 400, "shape"),
+    (_input(data=["a", "b", "c"]), 400, "number"),
+    (_input(data=[[1, 2], [3]], shape=[2, 2]), 400, "ragged"),
+    (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, ""),
     (b'{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}',
      400, "'z'"),
     (b'{"inputs": [{"name": "a", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}',
@@ -128,6 +140,23 @@ def test_bad_requests_get_4xx_and_the_worker_keeps_serving(served, body, status,
     good = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]},
                        {"name": "b", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}]}
     assert httpx.post(url + "/v2/models/mixed/infer", json=good).status_code == 200
+
+
+@pytest.mark.parametrize("header_length, declared, actual", [
+    (10_000, 12, 12),  # header length longer than the body
+    (None, 12, 8),     # binary_data_size larger than the bytes sent
+    (None, 8, 12),     # ... or smaller
+])
+def test_binary_bodies_that_lie_are_400(served, header_length, declared, actual):
+    header = json.dumps({"inputs": [
+        {"name": "a", "datatype": "FP32", "shape": [1, 3],
+         "parameters": {"binary_data_size": declared}},
+        {"name": "b", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}]}).encode()
+    body = header + b"\0" * actual
+    r = httpx.post(served["mixed"] + "/v2/models/mixed/infer", content=body, headers={
+        "Inference-Header-Content-Length": str(header_length or len(header)),
+        "Content-Type": "application/octet-stream"})
+    assert r.status_code == 400 and r.json()["error"], r.text
 
 
 def test_unknown_model_and_version_are_404(served):
