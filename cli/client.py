@@ -107,8 +107,9 @@ class DaemonClient:
     def deployments(self) -> list[dict]:
         return self.call("GET", "/v1/deployments")
 
-    def deployment(self, name: str) -> dict:
-        return self.call("GET", f"/v1/deployments/{quote(name, safe='')}")
+    def deployment(self, name: str, detail: bool = False) -> dict:
+        query = "?detail=1" if detail else ""
+        return self.call("GET", f"/v1/deployments/{quote(name, safe='')}{query}")
 
     def deploy(self, request: dict) -> dict:
         return self.call("POST", "/v1/deployments", request)

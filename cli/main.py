@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from mserve.cli.commands import daemon, deploy, listing, predict, rollback, undeploy, versions
+from mserve.cli.commands import (daemon, deploy, history, listing, logs, predict, rollback,
+                                 status, undeploy, versions)
 from mserve.daemon.errors import MserveError
 
 HELP = """Serve ONNX models on this machine over the Open Inference Protocol.
@@ -30,6 +31,9 @@ app.command("list", rich_help_panel="Deployments")(listing.list_)
 app.command("versions", rich_help_panel="Deployments")(versions.versions)
 app.command("rollback", rich_help_panel="Deployments")(rollback.rollback)
 app.command("undeploy", rich_help_panel="Deployments")(undeploy.undeploy)
+app.command("status", rich_help_panel="Observe")(status.status)
+app.command("history", rich_help_panel="Observe")(history.history)
+app.command("logs", rich_help_panel="Observe")(logs.logs)
 app.command("predict", rich_help_panel="Inference")(predict.predict)
 app.add_typer(daemon.app, name="daemon", rich_help_panel="Daemon")
 

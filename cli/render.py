@@ -69,6 +69,12 @@ def human_size(n: int | None) -> str:
     raise AssertionError("unreachable")
 
 
+def millis(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"{ms * 1000:.0f} µs" if ms < 1 else f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+
+
 def duration(seconds: float) -> str:
     if round(seconds) < 60:
         return f"{seconds:.0f} s"

@@ -41,10 +41,15 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         })
 
     async def list_deployments(request: Request):
-        return JSONResponse([deployments.describe(d) for d in deployments.state.deployments()])
+        if request.query_params.get("live") == "0":
+            return JSONResponse([deployments.describe(d)
+                                 for d in deployments.state.deployments()])
+        return JSONResponse(await deployments.list_live())
 
     async def get_deployment(request: Request):
         d = deployments.get(request.path_params["name"])
+        if request.query_params.get("detail") == "1":
+            return JSONResponse(deployments.detail(d, await deployments.live(d["name"])))
         return JSONResponse(deployments.describe(d))
 
     async def deploy(request: Request):
@@ -65,9 +70,10 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
 
     async def events(request: Request):
         name = request.query_params.get("name")
-        if name:
-            deployments.get(name)
-        return JSONResponse(deployments.state.events(name, limit=200))
+        events = deployments.state.events(name, limit=200)
+        if name and not events:
+            deployments.get(name)  # raises NotFound for a name never deployed
+        return JSONResponse(events)
 
     async def shutdown(request: Request):
         on_shutdown()

@@ -67,6 +67,31 @@ class Deployments:
             "created": d["created"], "updated": d["updated"],
         }
 
+    async def live(self, name: str) -> dict | None:
+        """The worker's own figures (last minute, memory), or None if it cannot say now."""
+        worker = self.supervisor.get(name)
+        if worker is None or worker.status != READY:
+            return None
+        try:
+            reply = await worker.request("stats", 1.0)
+        except MserveError:
+            return None
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+
+    async def describe_live(self, d: dict) -> dict:
+        return {**self.describe(d), "live": await self.live(d["name"])}
+
+    async def list_live(self) -> list[dict]:
+        return list(await asyncio.gather(*(self.describe_live(d)
+                                           for d in self.state.deployments())))
+
+    def detail(self, d: dict, live: dict | None) -> dict:
+        """Everything about one deployment, for ``mserve status NAME``."""
+        return {**self.describe(d), "live": live,
+                "loaded": (live or {}).get("loaded", []),
+                "versions_detail": [_version_view(v) for v in self.state.versions(d["name"])],
+                "events": self.state.events(d["name"], limit=10)}
+
     def get(self, name: str) -> dict:
         d = self.state.deployment(name)
         if d is None:
@@ -308,9 +333,11 @@ class Deployments:
     # ---- helpers -----------------------------------------------------------------------
     def _config(self, d: dict, versions: list[tuple[dict | None, bool]],
                 bind_retry_s: float) -> dict:
+        log = self.paths.logs / f"{d['name']}.requests.jsonl"
         return {
             "name": d["name"], "host": d["host"], "port": d["port"],
-            "token_hash": d.get("token_hash"), "options": d["options"],
+            "token_hash": d.get("token_hash"),
+            "options": {**d["options"], "request_log": str(log)},
             "bind_retry_s": bind_retry_s, "drain_s": drain_timeout(),
             "versions": [{"number": v["number"], "path": str(self.store.path_of(v["sha256"])),
                           "active": active} for v, active in versions if v],

@@ -1,15 +1,14 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
-from collections import deque
 from typing import Annotated
 
 import typer
 
 from mserve.cli import autostart
 from mserve.cli.client import DaemonClient, DaemonUnavailable
+from mserve.cli.commands.logs import tail_text
 from mserve.cli.render import JsonOption, duration, emit_json, say
 from mserve.daemon import paths as paths_mod
 from mserve.daemon.errors import MserveError
@@ -111,23 +110,8 @@ def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many last lines.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
 ) -> None:
-    """Print the daemon's log.
+    """Print the daemon's log (the same as `mserve logs` without a name).
 
     Example: mserve daemon logs -n 100
     """
-    path = paths_mod.resolve().daemon_log
-    try:
-        f = open(path, errors="replace")
-    except FileNotFoundError:
-        raise MserveError(f"no daemon log yet at {path}") from None
-    with f:
-        for line in deque(f, maxlen=lines):
-            sys.stdout.write(line)
-        sys.stdout.flush()
-        while follow:
-            line = f.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.2)
+    tail_text(paths_mod.resolve().daemon_log, lines, follow)

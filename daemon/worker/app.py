@@ -23,11 +23,13 @@ from mserve.daemon.errors import (BadRequest, MserveError, NotFound, PayloadTooL
 from mserve.daemon.worker import codecs, codecs_v1
 from mserve.daemon.worker.batcher import Batcher
 from mserve.daemon.worker.metrics import Metrics
+from mserve.daemon.worker.requestlog import Call, RequestLog
+from mserve.daemon.worker.stats import Recent, VersionStats
 from mserve.daemon.worker.runtime import LoadedModel
 
 log = logging.getLogger("mserve.worker")
 JSON = [(b"content-type", b"application/json")]
-V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?")
+V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/stats)?")
 V1_MODEL = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?(:predict)?")
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 try:
@@ -54,6 +56,9 @@ class Serving:
         self.max_body = int((options.get("max_body_mb") or 64) * 2**20)
         self.max_elements = int(options.get("max_elements") or codecs.DEFAULT_MAX_ELEMENTS)
         self.metrics = Metrics(name)
+        self.stats: dict[int, VersionStats] = {}
+        self.recent = Recent()
+        self.log = RequestLog(options.get("request_log"))
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
 
     # ---- versions (changed by the daemon through the control channel) -----------------
@@ -63,8 +68,10 @@ class Serving:
         if old:
             old.close()
         self.models[model.number] = model
+        self.stats.setdefault(model.number, VersionStats())
         self.batchers[model.number] = Batcher(
-            model, self.executor, self.metrics, max_batch_size=self.options.get("max_batch_size"),
+            model, self.executor, self.metrics, self.stats[model.number],
+            max_batch_size=self.options.get("max_batch_size"),
             batch_delay_ms=self.options.get("batch_delay_ms"),
             max_queue=self.options.get("max_queue"))
         self.metrics.load_time.labels(str(model.number)).set(model.load_ms / 1000)
@@ -78,6 +85,7 @@ class Serving:
             if n != number and n not in keep:
                 del self.models[n]  # in-flight requests hold their own reference
                 self.batchers.pop(n).close()  # it finishes what is queued
+                self.stats.pop(n, None)
                 self.metrics.load_time.remove(str(n))
 
     def check_name(self, name: str) -> None:
@@ -97,12 +105,27 @@ class Serving:
             raise NotFound(f"version '{version}' of model '{name}' is not loaded "
                            f"(loaded: {loaded})") from None
 
-    async def run(self, model: LoadedModel, feeds: dict, names: list[str]) -> list:
+    async def run(self, model: LoadedModel, feeds: dict, names: list[str], call: Call) -> list:
         """Queue one request on its version's batcher; the model runs in a thread."""
         batcher = self.batchers.get(model.number)
         if batcher is None:  # unloaded while this request was being read
             raise Unavailable(f"version {model.number} was unloaded; retry")
-        return await batcher.submit(feeds, names)
+        return await batcher.submit(feeds, names, call)
+
+    def record(self, call: Call) -> None:
+        """Count a finished inference request everywhere it is counted."""
+        seconds = time.perf_counter() - call.started
+        ok = call.status < 400
+        self.metrics.observe_request(str(call.version), call.status, seconds)
+        self.recent.observe(seconds, ok)
+        if (stats := self.stats.get(call.version)) is not None:
+            (stats.success if ok else stats.fail).add(seconds)
+            stats.last_inference_ms = int(time.time() * 1000)
+        self.log.write(call, seconds)
+
+    def statistics(self, version: int | None) -> list[dict]:
+        chosen = [version] if version is not None else sorted(self.stats)
+        return [self.stats[n].to_json(self.name, n) for n in chosen if n in self.stats]
 
 
 class WorkerApp:
@@ -130,6 +153,8 @@ class WorkerApp:
             status, body, headers = 500, codecs.encode_error("internal error (see the "
                                                              "deployment log)"), JSON
         headers = [*headers, (b"content-length", str(len(body)).encode())]
+        if (request_id := _header(scope, b"x-request-id")) is not None:
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -148,9 +173,10 @@ class WorkerApp:
         if method == "POST":
             if m := V2_MODEL.fullmatch(path):
                 if m.group(3) == "/infer":
-                    return await self._infer(m.group(1), m.group(2), scope, receive)
+                    return await self._inference(m.group(1), m.group(2), scope, receive,
+                                                 self._v2)
             elif (m := V1_MODEL.fullmatch(path)) and m.group(3):
-                return await self._predict(m.group(1), m.group(2), scope, receive)
+                return await self._inference(m.group(1), m.group(2), scope, receive, self._v1)
         raise NotFound(f"no route for {method} {path}")
 
     def _get(self, path: str):
@@ -163,15 +189,19 @@ class WorkerApp:
             return _json({"ready": True})
         if path == "/v2":
             return _json({"name": "mserve", "version": SERVER_VERSION,
-                          "extensions": ["binary_tensor_data"]})
+                          "extensions": ["binary_tensor_data", "statistics"]})
         if path == "/metrics":
             return 200, s.metrics.render(), [(b"content-type", s.metrics.content_type.encode())]
         if path == "/v1/models":
             return _json({"models": [s.name]})
+        if path == "/v2/models/stats":
+            return _json({"model_stats": s.statistics(None)})
         if m := V2_MODEL.fullmatch(path):
             model = s.model(m.group(1), m.group(2))
             if m.group(3) == "/ready":
                 return _json({"name": s.name, "ready": True})
+            if m.group(3) == "/stats":
+                return _json({"model_stats": s.statistics(m.group(2) and model.number)})
             if m.group(3) is None:
                 versions = [str(n) for n in sorted(s.models)]
                 return _json(codecs.model_metadata(s.name, versions, model.inputs, model.outputs))
@@ -187,57 +217,51 @@ class WorkerApp:
         return {"name": name, "ready": self.s.active is not None,
                 "model_version_status": statuses}
 
-    async def _infer(self, name: str, version: str | None, scope, receive):
-        started = time.perf_counter()
+    async def _inference(self, name: str, version: str | None, scope, receive, handler):
+        """The shared life of an inference request: read, handle, record, answer."""
+        call = Call(started=time.perf_counter(), request_id=_header(scope, b"x-request-id"),
+                    client=_client(scope))
         model = self.s.model(name, version)
-        status = 500
+        call.version = model.number
         try:
             body = await _read_body(scope, receive, self.s.max_body)
-            header_length = _int_header(scope, b"inference-header-content-length")
-            request = codecs.parse_request(body, header_length, max_elements=self.s.max_elements)
-            feeds = codecs.check_inputs(request, model.inputs)
-            wanted = codecs.check_outputs(request, model.outputs)
-            arrays = await self.s.run(model, feeds, [o.name for o in wanted])
-            out, headers = codecs.encode_response(self.s.name, str(model.number), request.id,
-                                                  list(zip(wanted, arrays)))
-            status = 200
+            call.bytes_in = len(body)
+            out, headers = await handler(model, body, scope, call)
+            call.status, call.bytes_out = 200, len(out)
         except MserveError as exc:
-            status = exc.status
+            call.status, call.error = exc.status, exc.message
             raise
         finally:
-            self.s.metrics.observe_request(str(model.number), status,
-                                           time.perf_counter() - started)
-        return 200, out, _headers(headers, model)
+            self.s.record(call)
+        headers.append((b"x-model-version", str(model.number).encode()))
+        return 200, out, headers
 
-    async def _predict(self, name: str, version: str | None, scope, receive):
-        started = time.perf_counter()
-        model = self.s.model(name, version)
-        status = 500
-        try:
-            body = await _read_body(scope, receive, self.s.max_body)
-            feeds, form = codecs_v1.parse_predict(body, model.inputs,
-                                                  max_elements=self.s.max_elements)
-            names = [o.name for o in model.outputs]
-            arrays = await self.s.run(model, feeds, names)
-            out = codecs_v1.encode_predict(dict(zip(names, arrays)), form)
-            status = 200
-        except MserveError as exc:
-            status = exc.status
-            raise
-        finally:
-            self.s.metrics.observe_request(str(model.number), status,
-                                           time.perf_counter() - started)
-        return 200, out, JSON + [(b"x-model-version", str(model.number).encode())]
+    async def _v2(self, model: LoadedModel, body: bytes, scope, call: Call):
+        header_length = _int_header(scope, b"inference-header-content-length")
+        request = codecs.parse_request(body, header_length, max_elements=self.s.max_elements)
+        call.request_id = call.request_id or request.id
+        feeds = codecs.check_inputs(request, model.inputs)
+        wanted = codecs.check_outputs(request, model.outputs)
+        arrays = await self.s.run(model, feeds, [o.name for o in wanted], call)
+        out, headers = codecs.encode_response(self.s.name, str(model.number), request.id,
+                                              list(zip(wanted, arrays)))
+        return out, [(k.encode(), v.encode()) for k, v in headers.items()]
+
+    async def _v1(self, model: LoadedModel, body: bytes, scope, call: Call):
+        feeds, form = codecs_v1.parse_predict(body, model.inputs,
+                                              max_elements=self.s.max_elements)
+        names = [o.name for o in model.outputs]
+        arrays = await self.s.run(model, feeds, names, call)
+        return codecs_v1.encode_predict(dict(zip(names, arrays)), form), list(JSON)
 
 
 def _json(obj) -> tuple[int, bytes, list]:
     return 200, orjson.dumps(obj), JSON
 
 
-def _headers(extra: dict[str, str], model: LoadedModel) -> list:
-    headers = [(k.encode(), v.encode()) for k, v in extra.items()]
-    headers.append((b"x-model-version", str(model.number).encode()))
-    return headers
+def _client(scope) -> str | None:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 def _header(scope, key: bytes) -> str | None:

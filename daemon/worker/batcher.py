@@ -21,7 +21,9 @@ import numpy as np
 
 from mserve.daemon.errors import Unavailable
 from mserve.daemon.worker.metrics import Metrics
+from mserve.daemon.worker.requestlog import Call
 from mserve.daemon.worker.runtime import LoadedModel
+from mserve.daemon.worker.stats import VersionStats
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_QUEUE = 1024
@@ -34,6 +36,7 @@ class Job:
     rows: int
     key: tuple | None  # None: never batched with others
     future: asyncio.Future
+    call: Call | None = None
     queued: float = field(default_factory=time.perf_counter)
 
 
@@ -42,10 +45,12 @@ class Overloaded(Unavailable):
 
 
 class Batcher:
-    def __init__(self, model: LoadedModel, executor: Executor, metrics: Metrics, *,
+    def __init__(self, model: LoadedModel, executor: Executor, metrics: Metrics,
+                 stats: VersionStats | None = None, *,
                  max_batch_size: int | None = None, batch_delay_ms: float | None = None,
                  max_queue: int | None = None):
         self.model, self.executor, self.metrics = model, executor, metrics
+        self.stats = stats or VersionStats()
         self.max_batch = max(1, max_batch_size or DEFAULT_MAX_BATCH) if model.batchable else 1
         self.delay = (batch_delay_ms or 0.0) / 1000
         self.max_queue = max_queue or DEFAULT_MAX_QUEUE
@@ -54,13 +59,15 @@ class Batcher:
         self._closing = False
         self._runners = [asyncio.create_task(self._runner(i)) for i in range(len(model.sessions))]
 
-    async def submit(self, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
-        """Queue one request and wait for its outputs (in the order of ``names``)."""
+    async def submit(self, feeds: dict[str, np.ndarray], names: list[str],
+                     call: Call | None = None) -> list[np.ndarray]:
+        """Queue one request and wait for its outputs (in the order of ``names``); its queue
+        time and batch size go into ``call``."""
         if len(self.pending) >= self.max_queue:
             raise Overloaded(f"the deployment is overloaded ({self.max_queue} requests queued); "
                              "retry shortly")
         job = Job(feeds, names, _rows(feeds), self._key(feeds, names),
-                  asyncio.get_running_loop().create_future())
+                  asyncio.get_running_loop().create_future(), call)
         self.pending.append(job)
         self.metrics.queue_depth.inc()
         self._wakeup.set()
@@ -114,9 +121,15 @@ class Batcher:
             batch = self._take()
             started = time.perf_counter()
             for job in batch:
-                self.metrics.queue_time.observe(started - job.queued)
+                waited = started - job.queued
+                self.metrics.queue_time.observe(waited)
+                self.stats.queue.add(waited)
+                if job.call is not None:
+                    job.call.queue_ms, job.call.batch = round(waited * 1000, 3), len(batch)
             results = await loop.run_in_executor(self.executor, self._execute, batch, session)
             self.metrics.batch_size.observe(len(batch))
+            self.stats.observe_run(len(batch), sum(j.rows for j in batch),
+                                   time.perf_counter() - started)
             for job, result in zip(batch, results):
                 if job.future.done():
                     continue

@@ -140,6 +140,11 @@ class Control:
             return {"active": msg["number"], "loaded": sorted(self.serving.models)}
         if op == "ping":
             return {"active": self.serving.active, "loaded": sorted(self.serving.models)}
+        if op == "stats":
+            return {"active": self.serving.active, "loaded": sorted(self.serving.models),
+                    "rss_bytes": _rss_bytes(), **self.serving.recent.summary(),
+                    "requests": {str(n): s.success.count + s.fail.count
+                                 for n, s in self.serving.stats.items()}}
         raise MserveError(f"unknown command {op!r}")
 
 
@@ -166,9 +171,31 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, control.stop, f"signal {sig}")
     control.listen(loop)
+    flusher = asyncio.create_task(_flush_every_second(serving))
     channel.send({"event": "ready", "pid": os.getpid(),
                   "versions": {n: m.meta() for n, m in serving.models.items()}})
-    await server.serve(sockets=[sock])
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        flusher.cancel()
+        serving.log.flush()
+
+
+async def _flush_every_second(serving: Serving) -> None:
+    while True:
+        await asyncio.sleep(1)
+        serving.log.flush()
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from calendar import timegm
+from collections import deque
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mserve.cli.render import JsonOption, emit_json
+from mserve.daemon import paths as paths_mod
+from mserve.daemon.errors import BadRequest, MserveError
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def logs(
+    name: Annotated[Optional[str], typer.Argument(
+        help="Deployment whose request log to show; without it, the daemon log.",
+        show_default=False)] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    since: Annotated[Optional[str], typer.Option(
+        help="Only lines newer than this, e.g. 30s, 10m, 2h, 1d.")] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many last lines.")] = 50,
+    json_out: JsonOption = False,
+) -> None:
+    """Show a deployment's request log (one line per request), or the daemon log.
+
+    Example: mserve logs iris --since 10m
+    """
+    paths = paths_mod.resolve()
+    if name is None:
+        tail_text(paths.daemon_log, lines, follow)
+        return
+    path = paths.logs / f"{name}.requests.jsonl"
+    if not path.exists():
+        raise MserveError(f"no request log for '{name}' (is it deployed, and has it served "
+                          "a request?)")
+    cutoff = time.time() - parse_since(since) if since else None
+    entries = [e for e in _read(path) if cutoff is None or _epoch(e["time"]) >= cutoff]
+    entries = entries[-lines:] if lines else entries
+    if json_out and not follow:
+        emit_json(entries)
+        return
+    for e in entries:
+        _print(e, json_out)
+    if follow:
+        _follow(path, json_out)
+
+
+def parse_since(text: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not m:
+        raise BadRequest(f"--since {text!r}: use a number and a unit, e.g. 30s, 10m, 2h, 1d")
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def tail_text(path: Path, lines: int, follow: bool) -> None:
+    try:
+        f = open(path, errors="replace")
+    except FileNotFoundError:
+        raise MserveError(f"no log yet at {path}") from None
+    with f:
+        for line in deque(f, maxlen=lines):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+        while follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+
+
+def _read(path: Path) -> list[dict]:
+    out = []
+    for p in (path.with_name(path.name + ".1"), path):
+        if p.exists():
+            for line in p.read_text(errors="replace").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut by a crash
+    return out
+
+
+def _epoch(iso: str) -> float:
+    return timegm(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S")) + float(iso[19:23] or 0)
+
+
+def _print(e: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(e) + "\n")
+    else:
+        extra = f"  error: {e['error']}" if e.get("error") else ""
+        queue = f"{e['queue_ms']} ms" if e.get("queue_ms") is not None else "-"
+        sys.stdout.write(
+            f"{e['time']}  {e['id']}  v{e['version']}  {e['status']}  {e['latency_ms']} ms"
+            f"  queue {queue}  batch {e.get('batch') or '-'}  in {e['bytes_in']} B"
+            f"  out {e['bytes_out']} B  {e['client']}{extra}\n")
+    sys.stdout.flush()
+
+
+def _follow(path: Path, as_json: bool) -> None:
+    with open(path, errors="replace") as f:
+        f.seek(0, 2)
+        while True:
+            line = f.readline()
+            if not line:
+                time.sleep(0.2)
+                continue
+            try:
+                _print(json.loads(line), as_json)
+            except ValueError:
+                continue

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mserve.cli import autostart
+from mserve.cli.commands.listing import live_columns
+from mserve.cli.render import JsonOption, ago, emit_json, say, table
+
+
+def status(
+    name: Annotated[str, typer.Argument(help="Deployment name.", show_default=False)],
+    json_out: JsonOption = False,
+) -> None:
+    """Show one deployment in detail: versions, traffic, options, errors, recent events.
+
+    Example: mserve status iris
+    """
+    d = autostart.client().deployment(name, detail=True)
+    if json_out:
+        emit_json(d)
+        return
+    requests, errors, p50, p99, memory = live_columns(d["live"])
+    options = ", ".join(f"{k}={v}" for k, v in d["options"].items() if v is not None)
+    say(f"{d['name']}: version {d['version']} {d['status']} at {d['url']} ({d['device']})")
+    for label, value in [
+        ("loaded", ", ".join(str(n) for n in d["loaded"]) or "-"),
+        ("worker", f"pid {d['pid']}, {memory}, {d['restarts']} restarts"),
+        ("last minute", f"{requests} requests, errors {errors}, p50 {p50}, p99 {p99}"),
+        ("options", options + (", token required" if d["auth"] else "")),
+        ("last error", d["error"] or "-"),
+    ]:
+        say(f"  {label + ':':<13}{value}")
+    say("")
+    table(["version", "state", "sha256", "created"],
+          [[v["version"], v["state"], v["sha256"][:12], ago(v["created"])]
+           for v in d["versions_detail"]])
+    say("")
+    history_table(d["events"])
+
+
+def history_table(events: list[dict]) -> None:
+    table(["time", "action", "version", "detail", "by"],
+          [[e["time"].replace("T", " ")[:19], e["action"], e["version"], e["detail"] or "",
+            e["actor"]] for e in events])

@@ -1,0 +1,75 @@
+"""One JSON line per inference request, in ``logs/NAME.requests.jsonl``, rotated by size.
+
+Fields: time, id (X-Request-ID, else the body's id, else a generated one), version, status,
+latency_ms, queue_ms, batch (requests in its model run), bytes_in, bytes_out, client. Tensor
+contents are never written. Lines are buffered and flushed at least once a second.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import orjson
+
+MAX_BYTES = 16 * 2**20
+BACKUPS = 3
+
+
+@dataclass
+class Call:
+    """What one inference request did, filled in as it goes."""
+
+    started: float
+    request_id: str | None = None
+    client: str | None = None
+    version: int | None = None
+    status: int = 500
+    bytes_in: int = 0
+    bytes_out: int = 0
+    queue_ms: float | None = None
+    batch: int | None = None
+    error: str | None = None
+
+
+class RequestLog:
+    def __init__(self, path: str | None, max_bytes: int = MAX_BYTES, backups: int = BACKUPS):
+        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self._file = open(path, "ab", buffering=1 << 16) if path else None
+        self._size = os.path.getsize(path) if path else 0
+        self._count = 0
+
+    def write(self, call: Call, latency_s: float) -> None:
+        if self._file is None:
+            return
+        self._count += 1
+        line = orjson.dumps({
+            "time": _now(), "id": call.request_id or f"{os.getpid():x}-{self._count:x}",
+            "version": call.version, "status": call.status,
+            "latency_ms": round(latency_s * 1000, 3), "queue_ms": call.queue_ms,
+            "batch": call.batch, "bytes_in": call.bytes_in, "bytes_out": call.bytes_out,
+            "client": call.client, **({"error": call.error} if call.error else {}),
+        }) + b"\n"
+        self._file.write(line)
+        self._size += len(line)
+        if self._size > self.max_bytes:
+            self._rotate()
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def _rotate(self) -> None:
+        self._file.close()
+        for i in range(self.backups - 1, 0, -1):
+            if os.path.exists(f"{self.path}.{i}"):
+                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self._file = open(self.path, "ab", buffering=1 << 16)
+        self._size = 0
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
