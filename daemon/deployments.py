@@ -57,6 +57,9 @@ class Deployments:
             "name": d["name"], "version": d["active_version"],
             "status": worker.status if worker else "loading",
             "url": f"{scheme}://{_url_host(shown_host)}:{d['port']}", "port": d["port"],
+            "grpc_port": d["options"].get("grpc_port"),
+            "grpc_url": (f"{_url_host(shown_host)}:{d['options']['grpc_port']}"
+                         if d["options"].get("grpc_port") else None),
             "host": d["host"], "device": active.get("meta", {}).get("device"),
             "versions": len(self.state.versions(d["name"])),
             "pid": worker.pid if worker else None,
@@ -188,9 +191,14 @@ class Deployments:
         if tls:
             options = {**options, "tls": tls}
         port = req.get("port") or self._free_port(host)
-        if port in self.state.used_ports() or port in self._reserved_ports:
-            raise Conflict(f"port {port} is already used by another deployment")
-        self._reserved_ports.add(port)
+        grpc_port = req.get("grpc_port") or self._free_port(host, also_taken={port})
+        for p in {port, grpc_port}:
+            if p in self._used_ports() or p in self._reserved_ports:
+                raise Conflict(f"port {p} is already used by another deployment")
+        if port == grpc_port:
+            raise Conflict(f"--port and --grpc-port must differ (both {port})")
+        options = {**options, "grpc_port": grpc_port}
+        self._reserved_ports |= {port, grpc_port}
         try:
             d = {"name": name, "host": host, "port": port, "options": options,
                  "token_hash": token_hash}
@@ -199,7 +207,7 @@ class Deployments:
             version["meta"] = event["versions"][str(version["number"])]
             await self._record_or_undo(None, version, d)
         finally:
-            self._reserved_ports.discard(port)
+            self._reserved_ports -= {port, grpc_port}
 
     async def _start_or_fail(self, name: str, config: dict) -> dict:
         try:
@@ -343,8 +351,13 @@ class Deployments:
                           "active": active} for v, active in versions if v],
         }
 
-    def _free_port(self, host: str) -> int:
-        taken = self.state.used_ports() | self._reserved_ports
+    def _used_ports(self) -> set[int]:
+        """HTTP and gRPC ports of every deployment."""
+        return {p for d in self.state.deployments()
+                for p in (d["port"], d["options"].get("grpc_port")) if p}
+
+    def _free_port(self, host: str, also_taken: set[int] = frozenset()) -> int:
+        taken = self._used_ports() | self._reserved_ports | set(also_taken)
         for _ in range(50):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             with socket.socket(family, socket.SOCK_STREAM) as s:
@@ -364,6 +377,10 @@ def _check_same_place(existing: dict, req: dict) -> None:
     if req.get("tls_cert"):
         raise Conflict(f"deployment '{name}' exists; TLS is set on its first deploy "
                        "(undeploy it first to change it)")
+    grpc_port = existing["options"].get("grpc_port")
+    if req.get("grpc_port") and req["grpc_port"] != grpc_port:
+        raise Conflict(f"deployment '{name}' already serves gRPC on port {grpc_port}; "
+                       "a deployment keeps its ports (undeploy it first to change them)")
     if req.get("port") and req["port"] != existing["port"]:
         raise Conflict(f"deployment '{name}' already serves on port {existing['port']}; "
                        "a deployment keeps its port (undeploy it first to change it)")

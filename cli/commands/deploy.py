@@ -31,7 +31,9 @@ def deploy(
     name: Annotated[Optional[str], typer.Option(
         "--name", "-n", help="Deployment name (default: the file's stem).")] = None,
     port: Annotated[Optional[int], typer.Option(
-        min=1, max=65535, help="Port for a new deployment (default: a free one).")] = None,
+        min=1, max=65535, help="HTTP port for a new deployment (default: a free one).")] = None,
+    grpc_port: Annotated[Optional[int], typer.Option(
+        min=1, max=65535, help="gRPC port for a new deployment (default: a free one).")] = None,
     host: Annotated[Optional[str], typer.Option(
         help="Address to bind (default 127.0.0.1).")] = None,
     device: Annotated[Optional[Device], typer.Option(
@@ -73,6 +75,7 @@ def deploy(
         sys.stderr.write(f"Warning: binding {host} without --token: anyone who can reach this "
                          "machine can use the model\n")
     request = {"path": str(path.expanduser().absolute()), "name": name, "port": port,
+               "grpc_port": grpc_port,
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
