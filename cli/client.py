@@ -123,6 +123,24 @@ class DaemonClient:
     def versions(self, name: str) -> list[dict]:
         return self.call("GET", f"/v1/deployments/{quote(name, safe='')}/versions")
 
+    def traffic(self, name: str, split: dict | None = None,
+                sticky_header: str | None = None) -> dict:
+        path = f"/v1/deployments/{quote(name, safe='')}/traffic"
+        if split is None and sticky_header is None:
+            return self.call("GET", path)
+        return self.call("POST", path, {"split": split, "sticky_header": sticky_header})
+
+    def promote(self, name: str, version: int | None) -> dict:
+        return self.call("POST", f"/v1/deployments/{quote(name, safe='')}/promote",
+                         {"version": version})
+
+    def label(self, name: str, label: str, version: int | None) -> dict:
+        return self.call("POST", f"/v1/deployments/{quote(name, safe='')}/labels",
+                         {"label": label, "version": version})
+
+    def prune(self) -> dict:
+        return self.call("POST", "/v1/prune", {})
+
     def events(self, name: str | None = None) -> list[dict]:
         query = f"?name={quote(name, safe='')}" if name else ""
         return self.call("GET", f"/v1/events{query}")

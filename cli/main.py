@@ -11,7 +11,8 @@ from typing import Annotated
 import typer
 
 from mserve.cli.commands import (daemon, deploy, history, listing, logs, predict, rollback,
-                                 status, undeploy, versions)
+                                 rollout, status, undeploy, versions)
+from mserve.cli.commands import export, serve
 from mserve.daemon.errors import MserveError
 
 HELP = """Serve ONNX models on this machine over the Open Inference Protocol.
@@ -31,11 +32,17 @@ app.command("list", rich_help_panel="Deployments")(listing.list_)
 app.command("versions", rich_help_panel="Deployments")(versions.versions)
 app.command("rollback", rich_help_panel="Deployments")(rollback.rollback)
 app.command("undeploy", rich_help_panel="Deployments")(undeploy.undeploy)
+app.command("traffic", rich_help_panel="Rollouts")(rollout.traffic)
+app.command("promote", rich_help_panel="Rollouts")(rollout.promote)
+app.command("label", rich_help_panel="Rollouts")(rollout.label)
+app.command("prune", rich_help_panel="Rollouts")(rollout.prune)
 app.command("status", rich_help_panel="Observe")(status.status)
 app.command("history", rich_help_panel="Observe")(history.history)
 app.command("logs", rich_help_panel="Observe")(logs.logs)
 app.command("predict", rich_help_panel="Inference")(predict.predict)
 app.add_typer(daemon.app, name="daemon", rich_help_panel="Daemon")
+app.command("serve", rich_help_panel="Scaling out")(serve.serve)
+app.add_typer(export.app, name="export", rich_help_panel="Scaling out")
 
 
 def _version(value: bool) -> None:

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from mserve.daemon.deployments import Deployments
 from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.rollout import Rollouts
 
 log = logging.getLogger("mserve.daemon")
 
@@ -32,6 +33,7 @@ def _version() -> str:
 
 def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starlette:
     started = time.time()
+    rollouts = Rollouts(deployments)
 
     async def status(request: Request):
         return JSONResponse({
@@ -53,20 +55,44 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         return JSONResponse(deployments.describe(d))
 
     async def deploy(request: Request):
-        return JSONResponse(await deployments.deploy(await _body(request)))
+        answer = await deployments.deploy(await _body(request))
+        if answer["changed"]:
+            answer["pruned"] = rollouts.retain(answer["name"])
+        return JSONResponse(answer)
 
     async def rollback(request: Request):
         body = await _body(request)
-        to = body.get("to")
-        if to is not None and (not isinstance(to, int) or isinstance(to, bool)):
-            raise BadRequest("'to' must be a version number")
+        to = _version_field(body, "to")
         return JSONResponse(await deployments.rollback(request.path_params["name"], to))
 
     async def undeploy(request: Request):
         return JSONResponse(await deployments.undeploy(request.path_params["name"]))
 
     async def versions(request: Request):
-        return JSONResponse(deployments.versions(request.path_params["name"]))
+        name = request.path_params["name"]
+        deployments.get(name)
+        loaded = set((await deployments.live(name) or {}).get("loaded", []))
+        return JSONResponse(deployments.version_rows(name, loaded))
+
+    async def traffic(request: Request):
+        body = await _body(request) if request.method == "POST" else {}
+        return JSONResponse(await rollouts.traffic(request.path_params["name"],
+                                                   body.get("split"), body.get("sticky_header")))
+
+    async def promote(request: Request):
+        number = _version_field(await _body(request), "version")
+        return JSONResponse(await rollouts.promote(request.path_params["name"], number))
+
+    async def label(request: Request):
+        body = await _body(request)
+        if not isinstance(body.get("label"), str):
+            raise BadRequest("'label' must be a string")
+        number = _version_field(body, "version")
+        return JSONResponse(await rollouts.label(request.path_params["name"], body["label"],
+                                                 number))
+
+    async def prune(request: Request):
+        return JSONResponse(rollouts.prune())
 
     async def events(request: Request):
         name = request.query_params.get("name")
@@ -93,10 +119,21 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         Route("/v1/deployments/{name}", undeploy, methods=["DELETE"]),
         Route("/v1/deployments/{name}/rollback", rollback, methods=["POST"]),
         Route("/v1/deployments/{name}/versions", versions),
+        Route("/v1/deployments/{name}/traffic", traffic, methods=["GET", "POST"]),
+        Route("/v1/deployments/{name}/promote", promote, methods=["POST"]),
+        Route("/v1/deployments/{name}/labels", label, methods=["POST"]),
+        Route("/v1/prune", prune, methods=["POST"]),
         Route("/v1/events", events),
         Route("/v1/shutdown", shutdown, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={Exception: error, MserveError: error})
+
+
+def _version_field(body: dict, key: str) -> int | None:
+    value = body.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise BadRequest(f"'{key}' must be a version number")
+    return value
 
 
 async def _body(request: Request) -> dict:

@@ -19,6 +19,7 @@ import socket
 import sqlite3
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from mserve.daemon import faults
@@ -31,7 +32,8 @@ from mserve.daemon.supervisor import READY, Supervisor
 
 log = logging.getLogger("mserve.daemon")
 DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
-                   "max_queue": None, "instances": 1, "max_body_mb": 64}
+                   "max_queue": None, "instances": 1, "max_body_mb": 64,
+                   "sticky_header": None, "keep": 5}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
 
 
@@ -45,6 +47,7 @@ class Deployments:
         self.supervisor = Supervisor(paths.logs, self._on_exit, self._restart, python)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._reserved_ports: set[int] = set()
+        self.ingesting: set[str] = set()  # stored blobs whose deploy has not finished
 
     # ---- reads -------------------------------------------------------------------------
     def describe(self, d: dict) -> dict:
@@ -101,10 +104,6 @@ class Deployments:
             raise NotFound(f"deployment '{name}' not found")
         return d
 
-    def versions(self, name: str) -> list[dict]:
-        self.get(name)
-        return [_version_view(v) for v in self.state.versions(name)]
-
     # ---- deploy ------------------------------------------------------------------------
     async def deploy(self, req: dict) -> dict:
         source = Path(req.get("path") or "")
@@ -116,12 +115,25 @@ class Deployments:
         async with self._locks[name]:
             return await self._deploy(name, source, req)
 
+    def version_rows(self, name: str, loaded: set[int]) -> list[dict]:
+        """``versions`` with whether each is loaded in the worker and on disk."""
+        return [{**_version_view(v), "loaded": v["number"] in loaded,
+                 "on_disk": self.store.has(v["sha256"]) and v["state"] != st.PRUNED}
+                for v in self.state.versions(self.get(name)["name"])]
+
     async def _deploy(self, name: str, source: Path, req: dict) -> dict:
         existing = self.state.deployment(name)
         if existing:
             _check_same_place(existing, req)
         artifact = await asyncio.to_thread(self.store.ingest, source)
-        await asyncio.to_thread(faults.pause, "after-copy")
+        self.ingesting.add(artifact.sha256)
+        try:
+            await asyncio.to_thread(faults.pause, "after-copy")
+            return await self._deploy_stored(name, artifact, existing, req)
+        finally:
+            self.ingesting.discard(artifact.sha256)
+
+    async def _deploy_stored(self, name: str, artifact, existing: dict | None, req: dict) -> dict:
         if existing:
             active = self.state.version(name, existing["active_version"])
             if active and active["sha256"] == artifact.sha256:
@@ -133,12 +145,13 @@ class Deployments:
         options = {**(existing or {}).get("options", DEFAULT_OPTIONS),
                    **{k: req[k] for k in OPTION_KEYS if req.get(k) is not None}}
         token_hash = _hash_token(req.get("token")) or (existing or {}).get("token_hash")
+        canary = _canary(req, existing)
         try:
             if existing:
                 version["meta"] = await self._switch_to_new(existing, version, options,
-                                                            token_hash)
+                                                            token_hash, canary)
                 await self._record_or_undo(existing, version, {
-                    **existing, "options": options, "token_hash": token_hash})
+                    **existing, "options": options, "token_hash": token_hash}, canary)
             else:
                 await self._first_deploy(name, version, options, token_hash, req)
         except DeployFailed as exc:
@@ -149,18 +162,18 @@ class Deployments:
         return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
                 "deployment": self.describe(d)}
 
-    async def _record_or_undo(self, d: dict | None, version: dict, row: dict) -> None:
+    async def _record_or_undo(self, d: dict | None, version: dict, row: dict,
+                              canary: int | None = None) -> None:
         """Record the switch; if SQLite cannot (disk full), switch the worker back so what
         serves is what the state says."""
         try:
-            self.state.record_deploy(row["name"], version, row)
+            self.state.record_deploy(row["name"], version, row, canary)
         except sqlite3.Error as exc:
-            worker = self.supervisor.get(row["name"])
             if d is None:
                 await self.supervisor.stop(row["name"], timeout=5)
-            elif worker is not None and worker.status == READY:
-                await worker.request("activate", 10, number=d["active_version"],
-                                     keep=[d["active_version"]], token_hash=d["token_hash"])
+            else:
+                with contextlib.suppress(MserveError):
+                    await self.apply(d, self.current_plan(d))
             raise MserveError(f"could not record the new version ({exc}); the previous "
                               "state is unchanged") from None
 
@@ -216,25 +229,55 @@ class Deployments:
             self.supervisor.workers.pop(name, None)
             raise
 
-    async def _switch_to_new(self, d: dict, version: dict, options: dict, token_hash) -> dict:
-        """Probe the new version in a child, load it next to the serving one, swap."""
+    async def _switch_to_new(self, d: dict, version: dict, options: dict, token_hash,
+                             canary: int | None = None) -> dict:
+        """Probe the new version in a child, load it next to the serving one, then switch
+        (or, as a canary, give it a share of the traffic)."""
         name, path = d["name"], str(self.store.path_of(version["sha256"]))
         worker = self.supervisor.get(name)
         old = d["active_version"]
-        if worker is None or worker.status != READY:
-            # Nothing is serving: start the worker on the new version (the old one as standby).
-            await self.supervisor.stop(name, timeout=5)
-            standby = self.state.version(name, old)
-            config = self._config({**d, "options": options, "token_hash": token_hash},
-                                  [(version, True), (standby, False)], bind_retry_s=5)
-            event = await self._start_or_fail(name, config)
+        d = {**d, "options": options, "token_hash": token_hash}
+        if canary:
+            plan = Plan(old, {old: 100 - canary, version["number"]: canary}, d["labels"],
+                        self._standby(d))
+        else:
+            plan = Plan(version["number"], None, d["labels"], old)
+        if worker is None or worker.status != READY:  # nothing serves: start on the plan
+            event = await self.apply(d, plan, extra=[version])
             return event["versions"][str(version["number"])]
         await self.probe(path, options["device"])
         reply = await worker.request("load", load_timeout(), number=version["number"],
                                      path=path, options=options)
-        await worker.request("activate", 10, number=version["number"], keep=[old],
-                             token_hash=token_hash)
+        await self.apply(d, plan, extra=[version])
         return reply["meta"]
+
+    def _standby(self, d: dict) -> int | None:
+        return next((v["number"] for v in self.state.versions(d["name"])
+                     if v["state"] == st.STANDBY), None)
+
+    async def apply(self, d: dict, plan: Plan, extra: list[dict] = ()) -> dict | None:
+        """Make the worker serve ``plan``: load what it lacks, then swap in one step. A
+        worker that is not running is started on the plan (its 'ready' event returned)."""
+        name = d["name"]
+        rows = {v["number"]: v for v in self.state.versions(name)}
+        rows.update({v["number"]: v for v in extra})
+        worker = self.supervisor.get(name)
+        if worker is None or worker.status != READY:
+            await self.supervisor.stop(name, timeout=5)
+            versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep]
+            config = self._config(d, versions, bind_retry_s=5, route=plan.route(d))
+            return await self._start_or_fail(name, config)
+        loaded = set((await worker.request("ping", 10))["loaded"])
+        for n in [plan.active, *plan.keep]:
+            if n not in loaded:
+                v = rows[n]
+                if v["state"] == st.PRUNED:
+                    raise Conflict(f"version {n} of '{name}' was pruned from disk")
+                await worker.request("load", load_timeout(), number=n, options=d["options"],
+                                     path=str(self.store.path_of(v["sha256"])))
+        await worker.request("activate", 10, number=plan.active, keep=plan.keep,
+                             route=plan.route(d), token_hash=d["token_hash"])
+        return None
 
     async def probe(self, path: str, device: str) -> dict:
         """Load and warm ``path`` in a short-lived process, bounded in time."""
@@ -262,12 +305,18 @@ class Deployments:
     async def rollback(self, name: str, to: int | None) -> dict:
         async with self._locks[name]:
             d = self.get(name)
-            target = self._rollback_target(d, to)
             current = d["active_version"]
-            if target["number"] == current:
+            if d["traffic"] and to is None:  # during a canary: all traffic back to stable
+                await self.apply(d, Plan(current, None, d["labels"], self._standby(d)))
+                self.state.record_traffic(name, None, "rollback",
+                                          f"canary stopped; all traffic to version {current}")
+                return {"changed": True, "name": name, "version": current, "previous": current,
+                        "canary_stopped": True, "deployment": self.describe(self.get(name))}
+            target = self._rollback_target(d, to)
+            if target["number"] == current and not d["traffic"]:
                 return {"changed": False, "name": name, "version": current,
                         "deployment": self.describe(d)}
-            await self._activate(d, target)
+            await self.apply(d, Plan(target["number"], None, d["labels"], current))
             self.state.record_activate(name, target["number"])
             return {"changed": True, "name": name, "version": target["number"],
                     "previous": current, "deployment": self.describe(self.get(name))}
@@ -278,30 +327,15 @@ class Deployments:
             target = self.state.version(name, to)
             if target is None:
                 raise NotFound(f"version {to} of '{name}' not found")
-            if target["state"] == st.FAILED:
-                raise Conflict(f"version {to} of '{name}' failed to deploy; it cannot be "
+            if target["state"] in (st.FAILED, st.PRUNED):
+                raise Conflict(f"version {to} of '{name}' is {target['state']}; it cannot be "
                                "made active")
             return target
         older = [v for v in self.state.versions(name)
-                 if v["number"] < current and v["state"] != st.FAILED]
+                 if v["number"] < current and v["state"] not in (st.FAILED, st.PRUNED)]
         if not older:
             raise Conflict(f"'{name}' has no version before {current} to roll back to")
         return older[-1]
-
-    async def _activate(self, d: dict, target: dict) -> None:
-        worker = self.supervisor.get(d["name"])
-        number, path = target["number"], str(self.store.path_of(target["sha256"]))
-        if worker is None or worker.status != READY:
-            await self.supervisor.stop(d["name"], timeout=5)
-            current = self.state.version(d["name"], d["active_version"])
-            config = self._config(d, [(target, True), (current, False)], bind_retry_s=5)
-            await self._start_or_fail(d["name"], config)
-            return
-        loaded = (await worker.request("ping", 10))["loaded"]
-        if number not in loaded:
-            await worker.request("load", load_timeout(), number=number, path=path,
-                                 options=d["options"])
-        await worker.request("activate", 10, number=number, keep=[d["active_version"]])
 
     async def undeploy(self, name: str) -> dict:
         async with self._locks[name]:
@@ -322,11 +356,11 @@ class Deployments:
             d = self.state.deployment(name)
             if d is None:
                 return
-            versions = [v for v in self.state.versions(name)
-                        if v["state"] in (st.ACTIVE, st.STANDBY)]
-            config = self._config(d, [(v, v["state"] == st.ACTIVE) for v in
-                                      sorted(versions, key=lambda v: v["state"] != st.ACTIVE)],
-                                  bind_retry_s=5)
+            plan = self.current_plan(d)
+            rows = {v["number"]: v for v in self.state.versions(name)}
+            versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep
+                                                       if rows[n]["state"] != st.PRUNED]
+            config = self._config(d, versions, bind_retry_s=5, route=plan.route(d))
             try:
                 await self.supervisor.start(name, config, load_timeout())
             except DeployFailed as exc:
@@ -339,10 +373,16 @@ class Deployments:
         self.state.add_event(name, "worker-exit", None, reason)
 
     # ---- helpers -----------------------------------------------------------------------
+    def current_plan(self, d: dict) -> Plan:
+        """What the state says the worker should serve."""
+        return Plan(d["active_version"], d["traffic"], d["labels"], self._standby(d))
+
     def _config(self, d: dict, versions: list[tuple[dict | None, bool]],
-                bind_retry_s: float) -> dict:
+                bind_retry_s: float, route: dict | None = None) -> dict:
         log = self.paths.logs / f"{d['name']}.requests.jsonl"
         return {
+            "route": route or {"traffic": None, "labels": {},
+                               "sticky": d["options"].get("sticky_header")},
             "name": d["name"], "host": d["host"], "port": d["port"],
             "token_hash": d.get("token_hash"),
             "options": {**d["options"], "request_log": str(log)},
@@ -366,6 +406,37 @@ class Deployments:
             if port not in taken:
                 return port
         raise MserveError("could not find a free port")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a worker serves: the active version, the split of unpinned traffic, labels, and
+    the standby version; everything it names stays loaded."""
+
+    active: int
+    traffic: dict[int, int] | None
+    labels: dict[str, int]
+    standby: int | None
+
+    @property
+    def keep(self) -> list[int]:
+        named = {self.standby, *(self.traffic or {}), *self.labels.values()}
+        return sorted(n for n in named if n is not None and n != self.active)
+
+    def route(self, d: dict) -> dict:
+        return {"traffic": {str(k): w for k, w in (self.traffic or {}).items()} or None,
+                "labels": self.labels, "sticky": d["options"].get("sticky_header")}
+
+
+def _canary(req: dict, existing: dict | None) -> int | None:
+    canary = req.get("canary")
+    if canary is None:
+        return None
+    if isinstance(canary, bool) or not isinstance(canary, int) or not 1 <= canary <= 99:
+        raise BadRequest("--canary must be a percentage from 1 to 99")
+    if existing is None:
+        raise BadRequest("--canary needs an existing deployment to share traffic with")
+    return canary
 
 
 def drain_timeout() -> float:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import sqlite_utils
 
-# Version states: the one taking unpinned traffic, the previous one kept loaded for an
-# instant rollback, ones only on disk, and ones that never loaded.
-ACTIVE, STANDBY, RETIRED, FAILED = "active", "standby", "retired", "failed"
+# Version states: the stable one taking unpinned traffic, one taking a share of it next to
+# the active one, the previous active kept loaded for an instant rollback, ones only on disk,
+# ones whose artifact was pruned, and ones that never loaded.
+ACTIVE, CANARY, STANDBY, RETIRED, PRUNED, FAILED = (
+    "active", "canary", "standby", "retired", "pruned", "failed")
 
 
 def now() -> str:
@@ -50,8 +52,15 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     db["events"].create_index(["deployment", "id"])
 
 
+def _m002_traffic(db: sqlite_utils.Database) -> None:
+    """Traffic split ({version: percent}, NULL = all to the active version) and labels."""
+    db["deployments"].add_column("traffic", str)
+    db["deployments"].add_column("labels", str)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
+    ("002_traffic", _m002_traffic),
 ]
 
 
@@ -131,8 +140,10 @@ class State:
         with self.db.atomic():
             self._event(name, action, version, detail)
 
-    def record_deploy(self, name: str, version: dict, deployment: dict) -> None:
-        """Add ``version`` as the active one of ``name`` (creating the deployment if new)."""
+    def record_deploy(self, name: str, version: dict, deployment: dict,
+                      canary: int | None = None) -> None:
+        """Add ``version`` as the active one of ``name`` (creating the deployment if new), or
+        with ``canary`` percent as a canary next to the active one."""
         with self.db.atomic():
             if self.deployment(name) is None:
                 self.db.execute(
@@ -146,10 +157,16 @@ class State:
                     "UPDATE deployments SET options = ?, token_hash = ?, updated = ?"
                     " WHERE name = ?",
                     [json.dumps(deployment["options"]), deployment.get("token_hash"), now(), name])
-            self._insert_version(name, version, ACTIVE)
-            self._switch(name, version["number"])
-            self._event(name, "deploy", version["number"],
-                        f"sha256 {version['sha256'][:12]} from {version['source']}")
+            detail = f"sha256 {version['sha256'][:12]} from {version['source']}"
+            if canary:
+                self._insert_version(name, version, CANARY)
+                active = self.deployment(name)["active_version"]
+                self._set_traffic(name, {active: 100 - canary, version["number"]: canary})
+                self._event(name, "deploy-canary", version["number"], f"{canary}%, {detail}")
+            else:
+                self._insert_version(name, version, ACTIVE)
+                self._switch(name, version["number"])
+                self._event(name, "deploy", version["number"], detail)
 
     def record_failed(self, name: str, version: dict, error: str) -> None:
         """Keep a failed deploy of an existing deployment in its history; nothing else changes."""
@@ -165,6 +182,37 @@ class State:
             self._switch(name, number)
             self._event(name, action, number, f"from version {previous}")
 
+    def record_traffic(self, name: str, traffic: dict[int, int] | None, action: str,
+                       detail: str = "") -> None:
+        """Set the split of unpinned traffic (None: all to the active version)."""
+        with self.db.atomic():
+            self._set_traffic(name, traffic)
+            self._event(name, action, None, detail or _split_text(traffic))
+
+    def record_options(self, name: str, options: dict) -> None:
+        with self.db.atomic():
+            self.db.execute("UPDATE deployments SET options = ?, updated = ? WHERE name = ?",
+                            [json.dumps(options), now(), name])
+
+    def record_labels(self, name: str, labels: dict[str, int], detail: str) -> None:
+        with self.db.atomic():
+            self.db.execute("UPDATE deployments SET labels = ?, updated = ? WHERE name = ?",
+                            [json.dumps(labels), now(), name])
+            self._event(name, "label", None, detail)
+
+    def record_pruned(self, name: str, numbers: list[int]) -> None:
+        with self.db.atomic():
+            for n in numbers:
+                self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND "
+                                "number = ?", [PRUNED, name, n])
+            self._event(name, "prune", None, "artifacts of versions "
+                        + ", ".join(map(str, numbers)) + " removed")
+
+    def referenced_blobs(self) -> set[str]:
+        rows = self.db.execute("SELECT DISTINCT sha256 FROM versions WHERE state != ?",
+                               [PRUNED]).fetchall()
+        return {r[0] for r in rows}
+
     def delete_deployment(self, name: str) -> None:
         with self.db.atomic():
             self.db.execute("DELETE FROM versions WHERE deployment = ?", [name])
@@ -178,13 +226,28 @@ class State:
             [name, v["number"], v["sha256"], v["size"], v["source"], now(), state, error,
              json.dumps(v.get("meta") or {})])
 
+    def _set_traffic(self, name: str, traffic: dict[int, int] | None) -> None:
+        """Store the split; versions with a share (other than the active one) are canaries,
+        canaries without one are retired."""
+        active = self.deployment(name)["active_version"]
+        sharing = {int(v) for v, w in (traffic or {}).items() if w > 0} - {active}
+        self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND state = ?",
+                        [RETIRED, name, CANARY])
+        for v in sharing:
+            self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND number = ?",
+                            [CANARY, name, v])
+        stored = json.dumps({str(k): w for k, w in traffic.items()}) if traffic else None
+        self.db.execute("UPDATE deployments SET traffic = ?, updated = ? WHERE name = ?",
+                        [stored, now(), name])
+
     def _switch(self, name: str, number: int) -> None:
-        """Make ``number`` active, the version active until now standby, any other standby
-        retired."""
+        """Make ``number`` active with all unpinned traffic, the version active until now
+        standby, any other standby or canary retired."""
         current = self.db.execute("SELECT active_version FROM deployments WHERE name = ?",
                                   [name]).fetchone()[0]
-        self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND state = ?",
-                        [RETIRED, name, STANDBY])
+        self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND state IN (?, ?)",
+                        [RETIRED, name, STANDBY, CANARY])
+        self.db.execute("UPDATE deployments SET traffic = NULL WHERE name = ?", [name])
         if current is not None and current != number:
             self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND number = ?",
                             [STANDBY, name, current])
@@ -194,8 +257,18 @@ class State:
                         [number, now(), name])
 
 
+def _split_text(traffic: dict[int, int] | None) -> str:
+    if not traffic:
+        return "all traffic to the active version"
+    return " ".join(f"{v}={w}" for v, w in sorted(traffic.items(), key=lambda i: int(i[0])))
+
+
 def _decode(row: dict) -> dict:
-    for key in ("options", "meta"):
+    for key in ("options", "meta", "labels"):
         if key in row and isinstance(row[key], str):
             row[key] = json.loads(row[key]) if row[key] else {}
+    if "labels" in row and row["labels"] is None:
+        row["labels"] = {}
+    if row.get("traffic"):
+        row["traffic"] = {int(k): w for k, w in json.loads(row["traffic"]).items()}
     return row

@@ -39,7 +39,7 @@ def st(db_path):
 
 def test_new_db_has_tables_and_records_migration(st):
     assert {"migrations", "deployments", "versions", "events"} <= set(st.db.table_names())
-    assert [r["name"] for r in st.db["migrations"].rows] == ["001_initial"]
+    assert [r["name"] for r in st.db["migrations"].rows] == [n for n, _ in state_mod.MIGRATIONS]
 
 
 def test_new_db_uses_wal(st):
@@ -67,7 +67,8 @@ def test_failing_migration_is_rolled_back_entirely(db_path, monkeypatch):
         db["half_done"].create({"x": int}, pk="x")
         raise RuntimeError("migration failed midway")
 
-    monkeypatch.setattr(state_mod, "MIGRATIONS", state_mod.MIGRATIONS + [("002_broken", broken)])
+    expected = {n for n, _ in state_mod.MIGRATIONS}
+    monkeypatch.setattr(state_mod, "MIGRATIONS", state_mod.MIGRATIONS + [("999_broken", broken)])
     with pytest.raises(RuntimeError, match="midway"):
         State(db_path)
 
@@ -78,14 +79,14 @@ def test_failing_migration_is_rolled_back_entirely(db_path, monkeypatch):
     finally:
         raw.close()
     assert "half_done" not in tables
-    assert applied == {"001_initial"}
+    assert applied == expected
 
 
 def test_pending_migration_runs_on_reopen(db_path, monkeypatch):
     State(db_path).close()
     ran = []
     monkeypatch.setattr(state_mod, "MIGRATIONS",
-                        state_mod.MIGRATIONS + [("002_extra", lambda db: ran.append(1))])
+                        state_mod.MIGRATIONS + [("999_extra", lambda db: ran.append(1))])
     s = State(db_path)
     s.close()
     State(db_path).close()

@@ -44,6 +44,14 @@ def deploy(
     batch_delay_ms: Annotated[Optional[float], typer.Option(
         min=0, help="Wait this long for more requests to fill a batch (default 0: batches "
                     "form from what queued while the previous run ran).")] = None,
+    canary: Annotated[Optional[int], typer.Option(
+        min=1, max=99, help="Give the new version this percent of unpinned traffic and keep "
+                            "the current version active (promote or roll back later).")] = None,
+    sticky_header: Annotated[Optional[str], typer.Option(
+        help="Route each value of this header (e.g. X-User-ID) to one version of a split.")] = None,
+    keep: Annotated[Optional[int], typer.Option(
+        min=1, help="Versions whose artifacts stay on disk (default 5; active, canary, "
+                    "standby and labelled ones are never pruned).")] = None,
     max_queue: Annotated[Optional[int], typer.Option(
         min=1, help="Requests allowed to wait; past it answers 503 (default 1024).")] = None,
     max_body_mb: Annotated[Optional[float], typer.Option(
@@ -75,7 +83,8 @@ def deploy(
         sys.stderr.write(f"Warning: binding {host} without --token: anyone who can reach this "
                          "machine can use the model\n")
     request = {"path": str(path.expanduser().absolute()), "name": name, "port": port,
-               "grpc_port": grpc_port,
+               "grpc_port": grpc_port, "canary": canary, "sticky_header": sticky_header,
+               "keep": keep,
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
@@ -89,5 +98,8 @@ def deploy(
         say(f"{answer['name']} is already at version {answer['version']} with identical "
             f"bytes; nothing changed ({d['url']})")
         return
-    say(f"Deployed {answer['name']} version {answer['version']} at {d['url']} "
+    share = f" as a canary taking {canary}% of traffic" if canary else ""
+    say(f"Deployed {answer['name']} version {answer['version']}{share} at {d['url']} "
         f"(device {d['device']})")
+    if answer.get("pruned"):
+        say(f"Pruned the artifacts of versions {', '.join(map(str, answer['pruned']))}")

@@ -20,6 +20,7 @@ def versions(
     if json_out:
         emit_json(rows)
         return
-    table(["version", "state", "sha256", "size", "created", "source"],
-          [[v["version"], v["state"], v["sha256"][:12], human_size(v["size"]), ago(v["created"]),
-            v["source"]] for v in rows])
+    table(["version", "state", "loaded", "on disk", "sha256", "size", "created", "source"],
+          [[v["version"], v["state"], "yes" if v["loaded"] else "no",
+            "yes" if v["on_disk"] else "no", v["sha256"][:12], human_size(v["size"]),
+            ago(v["created"]), v["source"]] for v in rows])

@@ -7,9 +7,12 @@ Prometheus ``/metrics``. Every error is ``{"error": ...}`` with the status of it
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
+import random
 import re
 import sys
 import time
@@ -29,13 +32,17 @@ from mserve.daemon.worker.runtime import LoadedModel
 
 log = logging.getLogger("mserve.worker")
 JSON = [(b"content-type", b"application/json")]
-V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer|/stats)?")
-V1_MODEL = re.compile(r"/v1/models/([^/:]+)(?:/versions/([^/:]+))?(:predict)?")
+V2_MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+)"
+                      r"|/labels/(?P<label>[^/]+))?(?P<op>/ready|/infer|/stats)?")
+V1_MODEL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)"
+                      r"|/labels/(?P<label>[^/:]+))?(?P<op>:predict)?")
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 try:
     SERVER_VERSION = _dist_version("mserve")
 except Exception:  # running from a source tree without an install
     SERVER_VERSION = "0+unknown"
+SERVER_METADATA = {"name": "mserve", "version": SERVER_VERSION,
+                   "extensions": ["binary_tensor_data", "statistics"]}
 
 
 class ClientGone(Exception):
@@ -51,6 +58,9 @@ class Serving:
         self.models: dict[int, LoadedModel] = {}
         self.batchers: dict[int, Batcher] = {}
         self.active: int | None = None
+        self.traffic: list[tuple[int, int]] | None = None  # (cumulative percent, version)
+        self.labels: dict[str, int] = {}
+        self.sticky: bytes | None = None
         self.token_hash = token_hash
         self.options = options
         self.max_body = int((options.get("max_body_mb") or 64) * 2**20)
@@ -88,16 +98,33 @@ class Serving:
                 self.stats.pop(n, None)
                 self.metrics.load_time.remove(str(n))
 
+    def authorize(self, given: str | None) -> None:
+        """Check an ``Authorization`` value (HTTP header or gRPC metadata) against the token."""
+        if self.token_hash is None:
+            return
+        scheme, _, token = (given or "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_hash):
+            raise Unauthorized("missing or wrong token: send 'Authorization: Bearer <token>'")
+
     def check_name(self, name: str) -> None:
         if name != self.name:
             raise NotFound(f"model '{name}' not found; this port serves '{self.name}'")
 
-    def model(self, name: str, version: str | None) -> LoadedModel:
+    def model(self, name: str, version: str | None = None, label: str | None = None,
+              scope=None) -> LoadedModel:
+        """The version a request asked for (pinned, by label) or, unpinned, the active one,
+        or one picked by the traffic split (sticky by header when configured)."""
         self.check_name(name)
+        if label is not None:
+            if label not in self.labels:
+                raise NotFound(f"label '{label}' of model '{name}' is not defined")
+            version = str(self.labels[label])
         if version is None:
             if self.active is None:
                 raise Unavailable(f"model '{name}' is not ready")
-            return self.models[self.active]
+            chosen = self._split(scope) if self.traffic else self.active
+            return self.models.get(chosen) or self.models[self.active]
         try:
             return self.models[int(version)]
         except (ValueError, KeyError):
@@ -105,12 +132,57 @@ class Serving:
             raise NotFound(f"version '{version}' of model '{name}' is not loaded "
                            f"(loaded: {loaded})") from None
 
+    def route(self, traffic: dict | None, labels: dict | None, sticky: str | None) -> None:
+        """Set the split of unpinned traffic ({version: percent}), labels and sticky header."""
+        cumulative, total = [], 0
+        for v, weight in sorted((int(k), w) for k, w in (traffic or {}).items()):
+            if weight > 0:
+                total += weight
+                cumulative.append((total, v))
+        self.traffic = cumulative or None
+        self.labels = {k: int(v) for k, v in (labels or {}).items()}
+        self.sticky = sticky.lower().encode("latin-1") if sticky else None
+
+    def _split(self, scope) -> int:
+        value = _header(scope, self.sticky) if self.sticky and scope else None
+        if value is None:
+            point = random.random() * self.traffic[-1][0]
+        else:  # the same header value always lands on the same point
+            digest = hashlib.blake2b(value.encode("latin-1"), digest_size=8).digest()
+            point = int.from_bytes(digest, "big") % 10_000 / 10_000 * self.traffic[-1][0]
+        for bound, version in self.traffic:
+            if point < bound:
+                return version
+        return self.traffic[-1][1]
+
     async def run(self, model: LoadedModel, feeds: dict, names: list[str], call: Call) -> list:
         """Queue one request on its version's batcher; the model runs in a thread."""
         batcher = self.batchers.get(model.number)
-        if batcher is None:  # unloaded while this request was being read
-            raise Unavailable(f"version {model.number} was unloaded; retry")
+        if batcher is None or batcher.closed or batcher.model is not model:
+            # Unloaded while this request was read: it still finishes on its own version.
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, model.run, feeds, names)
         return await batcher.submit(feeds, names, call)
+
+    async def infer(self, model: LoadedModel, request: codecs.InferRequest,
+                    call: Call) -> list[tuple[codecs.RequestedOutput, object]]:
+        """Check a decoded v2 request against ``model``, run it: (requested output, array)."""
+        call.request_id = call.request_id or request.id
+        feeds = codecs.check_inputs(request, model.inputs)
+        wanted = codecs.check_outputs(request, model.outputs)
+        arrays = await self.run(model, feeds, [o.name for o in wanted], call)
+        return list(zip(wanted, arrays))
+
+    @contextlib.contextmanager
+    def recorded(self, call: Call):
+        """Record ``call`` however it ends; an MserveError sets its status and error."""
+        try:
+            yield call
+        except MserveError as exc:
+            call.status, call.error = exc.status, exc.message
+            raise
+        finally:
+            self.record(call)
 
     def record(self, call: Call) -> None:
         """Count a finished inference request everywhere it is counted."""
@@ -159,24 +231,17 @@ class WorkerApp:
         await send({"type": "http.response.body", "body": body})
 
     def _authorize(self, scope) -> None:
-        if self.s.token_hash is None:
-            return
-        given = _header(scope, b"authorization") or ""
-        scheme, _, token = given.partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.s.token_hash):
-            raise Unauthorized("missing or wrong token: send 'Authorization: Bearer <token>'")
+        self.s.authorize(_header(scope, b"authorization"))
 
     async def _route(self, path: str, method: str, scope, receive):
         if method == "GET":
             return self._get(path)
         if method == "POST":
             if m := V2_MODEL.fullmatch(path):
-                if m.group(3) == "/infer":
-                    return await self._inference(m.group(1), m.group(2), scope, receive,
-                                                 self._v2)
-            elif (m := V1_MODEL.fullmatch(path)) and m.group(3):
-                return await self._inference(m.group(1), m.group(2), scope, receive, self._v1)
+                if m["op"] == "/infer":
+                    return await self._inference(m, scope, receive, self._v2)
+            elif (m := V1_MODEL.fullmatch(path)) and m["op"]:
+                return await self._inference(m, scope, receive, self._v1)
         raise NotFound(f"no route for {method} {path}")
 
     def _get(self, path: str):
@@ -188,8 +253,7 @@ class WorkerApp:
                 raise Unavailable("no version is loaded yet")
             return _json({"ready": True})
         if path == "/v2":
-            return _json({"name": "mserve", "version": SERVER_VERSION,
-                          "extensions": ["binary_tensor_data", "statistics"]})
+            return _json(SERVER_METADATA)
         if path == "/metrics":
             return 200, s.metrics.render(), [(b"content-type", s.metrics.content_type.encode())]
         if path == "/v1/models":
@@ -197,54 +261,48 @@ class WorkerApp:
         if path == "/v2/models/stats":
             return _json({"model_stats": s.statistics(None)})
         if m := V2_MODEL.fullmatch(path):
-            model = s.model(m.group(1), m.group(2))
-            if m.group(3) == "/ready":
+            model = s.model(m["name"], m["version"], m["label"])
+            if m["op"] == "/ready":
                 return _json({"name": s.name, "ready": True})
-            if m.group(3) == "/stats":
-                return _json({"model_stats": s.statistics(m.group(2) and model.number)})
-            if m.group(3) is None:
+            if m["op"] == "/stats":
+                pinned = m["version"] or m["label"]
+                return _json({"model_stats": s.statistics(model.number if pinned else None)})
+            if m["op"] is None:
                 versions = [str(n) for n in sorted(s.models)]
                 return _json(codecs.model_metadata(s.name, versions, model.inputs, model.outputs))
-        if (m := V1_MODEL.fullmatch(path)) and not m.group(3):
-            return _json(self._v1_status(m.group(1), m.group(2)))
+        if (m := V1_MODEL.fullmatch(path)) and not m["op"]:
+            return _json(self._v1_status(m["name"], m["version"], m["label"]))
         raise NotFound(f"no route for GET {path}")
 
-    def _v1_status(self, name: str, version: str | None) -> dict:
+    def _v1_status(self, name: str, version: str | None, label: str | None) -> dict:
         self.s.check_name(name)
-        chosen = [self.s.model(name, version).number] if version else sorted(self.s.models)
+        pinned = version or label
+        chosen = [self.s.model(name, version, label).number] if pinned else sorted(self.s.models)
         statuses = [{"version": str(n), "state": "AVAILABLE",
                      "status": {"error_code": "OK", "error_message": ""}} for n in chosen]
         return {"name": name, "ready": self.s.active is not None,
                 "model_version_status": statuses}
 
-    async def _inference(self, name: str, version: str | None, scope, receive, handler):
+    async def _inference(self, m: re.Match, scope, receive, handler):
         """The shared life of an inference request: read, handle, record, answer."""
         call = Call(started=time.perf_counter(), request_id=_header(scope, b"x-request-id"),
                     client=_client(scope))
-        model = self.s.model(name, version)
+        model = self.s.model(m["name"], m["version"], m["label"], scope)
         call.version = model.number
-        try:
+        with self.s.recorded(call):
             body = await _read_body(scope, receive, self.s.max_body)
             call.bytes_in = len(body)
             out, headers = await handler(model, body, scope, call)
             call.status, call.bytes_out = 200, len(out)
-        except MserveError as exc:
-            call.status, call.error = exc.status, exc.message
-            raise
-        finally:
-            self.s.record(call)
         headers.append((b"x-model-version", str(model.number).encode()))
         return 200, out, headers
 
     async def _v2(self, model: LoadedModel, body: bytes, scope, call: Call):
         header_length = _int_header(scope, b"inference-header-content-length")
         request = codecs.parse_request(body, header_length, max_elements=self.s.max_elements)
-        call.request_id = call.request_id or request.id
-        feeds = codecs.check_inputs(request, model.inputs)
-        wanted = codecs.check_outputs(request, model.outputs)
-        arrays = await self.s.run(model, feeds, [o.name for o in wanted], call)
+        results = await self.s.infer(model, request, call)
         out, headers = codecs.encode_response(self.s.name, str(model.number), request.id,
-                                              list(zip(wanted, arrays)))
+                                              results)
         return out, [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def _v1(self, model: LoadedModel, body: bytes, scope, call: Call):

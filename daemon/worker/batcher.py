@@ -76,6 +76,10 @@ class Batcher:
         finally:
             self.metrics.queue_depth.dec()
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def close(self) -> None:
         """Finish what is queued, then stop the runners."""
         self._closing = True

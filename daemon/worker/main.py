@@ -4,6 +4,10 @@ Started by the supervisor as ``python -m mserve.daemon.worker CONFIG_JSON``. It 
 daemon through JSON lines: commands on stdin, replies and events on the original stdout
 (fd 1 is then pointed at stderr, so a stray print cannot corrupt the channel). End of stdin
 means the daemon is gone: the worker drains and exits, so no orphan keeps the port.
+
+With ``"standalone": true`` in the config (``mserve serve``, the container entrypoint) there
+is no daemon: no control channel, events are lines on stderr, and SIGTERM/SIGINT drain and
+exit 0.
 """
 
 from __future__ import annotations
@@ -46,6 +50,21 @@ class Channel:
                 pass  # the daemon is gone; stdin EOF will stop us
 
 
+class Console:
+    """Standalone mode has no daemon to tell: events become one line each on stderr."""
+
+    def __init__(self, config: dict):
+        scheme = "https" if config["options"].get("tls") else "http"
+        host = f"[{config['host']}]" if ":" in config["host"] else config["host"]
+        self.ready_line = f"serving {config['name']} on {scheme}://{host}:{config['port']}"
+
+    def send(self, message: dict) -> None:
+        if message.get("event") == "ready":
+            print(self.ready_line, file=sys.stderr, flush=True)
+        elif message.get("event") == "failed":
+            print(f"Error: {message['error']}", file=sys.stderr, flush=True)
+
+
 class QuietServer(uvicorn.Server):
     """uvicorn re-raises captured signals after serving; here the worker owns its signals."""
 
@@ -54,9 +73,10 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int, retry_seconds: float) -> socket.socket:
+def bind(host: str, port: int, retry_seconds: float, listen: bool = True) -> socket.socket:
     """Bind the deployment's port ourselves, retrying a while if a previous worker still holds
-    it (a restart after a crash); a port held by anything else is a clean error."""
+    it (a restart after a crash); a port held by anything else is a clean error. Without
+    ``listen`` it only proves the port free (the gRPC port, which grpcio binds itself)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + retry_seconds
     while True:
@@ -64,7 +84,8 @@ def bind(host: str, port: int, retry_seconds: float) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
-            sock.listen(2048)
+            if listen:
+                sock.listen(2048)
             sock.set_inheritable(False)
             return sock
         except OSError as exc:
@@ -97,6 +118,7 @@ class Control:
 
     def __init__(self, serving: Serving, channel: Channel, server: QuietServer, config: dict):
         self.serving, self.channel, self.server, self.config = serving, channel, server, config
+        self.grpc, self._grpc_stop = None, None  # the gRPC server, once started
 
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
         def reader():
@@ -110,6 +132,14 @@ class Control:
     def stop(self, why: str) -> None:
         log.info("stopping: %s", why)
         self.server.should_exit = True
+        self.stop_grpc()
+
+    def stop_grpc(self) -> asyncio.Future | None:
+        """Stop taking gRPC calls; those in flight get the drain time. Idempotent."""
+        if self.grpc is not None and self._grpc_stop is None:
+            grace = self.config.get("drain_s", 30)
+            self._grpc_stop = asyncio.ensure_future(self.grpc.stop(grace))
+        return self._grpc_stop
 
     async def handle(self, msg: dict) -> None:
         reply = {"id": msg.get("id")}
@@ -137,14 +167,15 @@ class Control:
             if "token_hash" in msg:
                 self.serving.token_hash = msg["token_hash"]
             self.serving.activate(msg["number"], msg.get("keep", []))
+            route = msg.get("route") or {}
+            self.serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
             return {"active": msg["number"], "loaded": sorted(self.serving.models)}
         if op == "ping":
             return {"active": self.serving.active, "loaded": sorted(self.serving.models)}
         if op == "stats":
             return {"active": self.serving.active, "loaded": sorted(self.serving.models),
                     "rss_bytes": _rss_bytes(), **self.serving.recent.summary(),
-                    "requests": {str(n): s.success.count + s.fail.count
-                                 for n, s in self.serving.stats.items()}}
+                    "versions": {str(n): s.summary() for n, s in self.serving.stats.items()}}
         raise MserveError(f"unknown command {op!r}")
 
 
@@ -160,23 +191,38 @@ def http_config(serving: Serving, config: dict) -> uvicorn.Config:
 
 
 async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
-                channel: Channel, config: dict, uv: uvicorn.Config) -> None:
+                channel: Channel, config: dict, uv: uvicorn.Config) -> int | None:
     models, active = loaded
     for model in models:
         serving.add(model)
     serving.active = active
+    route = config.get("route") or {}
+    serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
     server = QuietServer(uv)
     control = Control(serving, channel, server, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, control.stop, f"signal {sig}")
-    control.listen(loop)
+    if grpc_port := config["options"].get("grpc_port"):
+        from mserve.daemon.worker.grpc_server import start_grpc
+
+        try:
+            control.grpc = await start_grpc(serving, config["host"], grpc_port,
+                                            config["options"].get("tls"), serving.max_body)
+        except (RuntimeError, OSError) as exc:  # bound by another since main() checked it
+            channel.send({"event": "failed", "error": f"cannot serve gRPC on port {grpc_port}: "
+                                                      f"{exc}"})
+            return EXIT_BIND
+    if not config.get("standalone"):
+        control.listen(loop)
     flusher = asyncio.create_task(_flush_every_second(serving))
     channel.send({"event": "ready", "pid": os.getpid(),
                   "versions": {n: m.meta() for n, m in serving.models.items()}})
     try:
         await server.serve(sockets=[sock])
     finally:
+        if (grpc_stopping := control.stop_grpc()) is not None:
+            await grpc_stopping
         flusher.cancel()
         serving.log.flush()
 
@@ -200,13 +246,21 @@ def _rss_bytes() -> int | None:
 
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
-    channel = Channel()
+    channel = Console(config) if config.get("standalone") else Channel()
     configure_logging()
     try:
         sock = bind(config["host"], config["port"], config.get("bind_retry_s", 5.0))
     except OSError as exc:
         channel.send({"event": "failed", "error": _bind_error(exc, config)})
         return EXIT_BIND
+    if grpc_port := config["options"].get("grpc_port"):
+        try:
+            bind(config["host"], grpc_port, config.get("bind_retry_s", 5.0), listen=False).close()
+        except OSError as exc:
+            sock.close()
+            channel.send({"event": "failed",
+                          "error": _bind_error(exc, config, grpc_port, "--grpc-port")})
+            return EXIT_BIND
     serving = Serving(config["name"], token_hash=config.get("token_hash"),
                       options=config["options"])
     try:
@@ -224,14 +278,16 @@ def main(argv: list[str]) -> int:
         import uvloop
 
         runner = uvloop.run
-    runner(serve(serving, loaded, sock, channel, config, uv))
-    return 0
+    return runner(serve(serving, loaded, sock, channel, config, uv)) or 0
 
 
-def _bind_error(exc: OSError, config: dict) -> str:
-    where = f"{config['host']}:{config['port']}"
+def _bind_error(exc: OSError, config: dict, port: int | None = None,
+                option: str = "--port") -> str:
+    port = port or config["port"]
+    where = f"{config['host']}:{port}"
     if exc.errno == errno.EADDRINUSE:
-        return f"port {config['port']} is already in use ({where}); choose another with --port"
+        what = "gRPC port" if option == "--grpc-port" else "port"
+        return f"{what} {port} is already in use ({where}); choose another with {option}"
     if exc.errno == errno.EACCES:
         return f"no permission to bind {where} (ports below 1024 need privileges)"
     return f"cannot bind {where}: {exc.strerror or exc}"

@@ -43,6 +43,14 @@ class VersionStats:
     compute_infer: Duration = field(default_factory=Duration)
     batches: dict[int, Duration] = field(default_factory=dict)
 
+    def summary(self) -> dict:
+        """Requests, errors and mean latency since the version was loaded."""
+        done = self.success.count + self.fail.count
+        mean = self.success.ns / self.success.count / 1e6 if self.success.count else None
+        return {"requests": done, "errors": self.fail.count,
+                "error_rate": round(self.fail.count / done, 4) if done else 0.0,
+                "mean_ms": round(mean, 3) if mean is not None else None}
+
     def observe_run(self, requests: int, rows: int, seconds: float) -> None:
         self.execution_count += 1
         self.inference_count += rows

@@ -1,0 +1,141 @@
+"""``mserve export kserve``: the same deployment on KServe, as YAML to apply.
+
+The manifests come from the pure builder in ``mserve.cli.kserve``; this command gathers
+what it needs from the daemon, lays the model out with ``--artifact``, and writes YAML.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from enum import Enum
+from importlib.metadata import version as dist_version
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mserve.cli import autostart
+from mserve.cli import kserve as ks
+from mserve.daemon import paths as paths_mod
+from mserve.daemon.errors import BadRequest, MserveError, NotFound
+
+app = typer.Typer(help="Write what another platform needs to run a deployment.",
+                  no_args_is_help=True)
+
+
+class Runtime(str, Enum):
+    mserve = "mserve"
+    triton = "triton"
+
+
+@app.command("kserve")
+def kserve(
+    name: Annotated[str, typer.Argument(help="Deployment name.", show_default=False)],
+    image: Annotated[Optional[str], typer.Option(
+        help="The mserve image your cluster pulls (default mserve:VERSION, or "
+             "mserve:VERSION-gpu for a deployment on CUDA); see docs/kubernetes.md.")] = None,
+    storage_uri: Annotated[Optional[str], typer.Option(
+        help="Where you upload the --artifact folder: s3://, gs://, pvc://, https://... "
+             "(default pvc://mserve-models/NAME/vVERSION).")] = None,
+    runtime: Annotated[Runtime, typer.Option(
+        help="mserve: a ServingRuntime running the mserve image; triton: KServe's stock "
+             "Triton runtime.")] = Runtime.mserve,
+    min_replicas: Annotated[Optional[int], typer.Option(min=0, help="Fewest pods.")] = None,
+    max_replicas: Annotated[Optional[int], typer.Option(min=1, help="Most pods.")] = None,
+    namespace: Annotated[Optional[str], typer.Option(
+        help="Kubernetes namespace (default: kubectl's current one).")] = None,
+    artifact: Annotated[Optional[Path], typer.Option(
+        help="Also lay the model out in this new folder as KServe's storage initializer "
+             "expects, ready to upload to --storage-uri.")] = None,
+    output: Annotated[str, typer.Option(
+        "--output", "-o", help="Write the YAML to this file ('-': stdout).")] = "-",
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Write a JSON Kubernetes List instead of YAML.")] = False,
+) -> None:
+    """Write KServe manifests (ServingRuntime + InferenceService) for a deployment.
+
+    Carries over batching options, resources, the token's Secret and a canary split.
+
+    The token itself never appears in the output.
+
+    Example: mserve export kserve iris --artifact ./iris-kserve --storage-uri s3://bucket/iris
+    """
+    client = autostart.client()
+    d = client.deployment(name, detail=True)
+    split = ks.canary(d.get("traffic"))
+    number = split[0] if split else d["version"]
+    version = next((v for v in client.versions(name) if v["version"] == number), None)
+    if version is None:
+        raise NotFound(f"version {number} of '{name}' not found")
+    gpu = ks.uses_gpu(d)
+    target = ks.Target(
+        image=image or f"mserve:{dist_version('mserve')}{'-gpu' if gpu else ''}",
+        storage_uri=storage_uri or f"pvc://mserve-models/{ks.k8s_name(name)}/v{number}",
+        runtime=runtime.value, namespace=namespace, min_replicas=min_replicas,
+        max_replicas=max_replicas)
+    docs = ks.manifests(d, version, target, (d.get("live") or {}).get("rss_bytes"))
+    notes = ks.notes(d, target)
+    if artifact is not None:
+        lay_out(artifact, d, version, target)
+        notes.append(f"Wrote the model to {artifact}/: upload its contents to "
+                     f"{target.storage_uri}")
+    text = _json(docs) if json_out else _yaml(docs, d, version, target)
+    _write(text, output)
+    for line in notes:
+        print(line, file=sys.stderr if output == "-" else sys.stdout)
+
+
+def lay_out(folder: Path, d: dict, version: dict, target: ks.Target) -> None:
+    """Copy the version's stored files into ``folder`` in the storage initializer's layout."""
+    source = paths_mod.resolve().models / version["sha256"]
+    if not (source / "model.onnx").is_file():
+        raise MserveError(f"version {version['version']} of '{d['name']}' is no longer in "
+                          f"the model store ({source})")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise BadRequest(f"'{folder}' exists and is not an empty folder; "
+                         "choose a new one for --artifact")
+    model_dir, config = ks.artifact_layout(target, d["name"])
+    try:
+        shutil.copytree(source, folder / model_dir, dirs_exist_ok=True)
+        if config:
+            text = ks.triton_config(d["name"], d.get("options") or {},
+                                    _batchable(source / "model.onnx"))
+            (folder / config).write_text(text)
+    except OSError as exc:
+        raise MserveError(f"cannot write '{folder}': {exc.strerror or exc}") from None
+
+
+def _batchable(model: Path) -> bool:
+    """Whether every input has a dynamic first dimension (Triton's batch dimension)."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    inputs = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()
+    return bool(inputs) and all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
+
+
+def _yaml(docs: list[dict], d: dict, version: dict, target: ks.Target) -> str:
+    import yaml
+
+    head = (f"# mserve export kserve {d['name']}: version {version['version']} "
+            f"(sha256 {version['sha256'][:12]}), runtime {target.runtime}\n"
+            f"# Apply with: kubectl apply -f FILE\n")
+    return head + yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True)
+
+
+def _json(docs: list[dict]) -> str:
+    import json
+
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}, indent=2) + "\n"
+
+
+def _write(text: str, output: str) -> None:
+    if output == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(output).write_text(text)
+    except OSError as exc:
+        raise MserveError(f"cannot write '{output}': {exc.strerror or exc}") from None
+    print(f"Wrote {output}")

@@ -1,0 +1,161 @@
+"""``mserve serve``: one model in the foreground, no daemon and no state: the container
+entrypoint (KServe mounts the model at /mnt/models).
+
+The command finds the model, builds a worker config and runs the worker in this process in
+its standalone mode; the worker is imported only here, never at CLI start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mserve.cli.commands.deploy import LOOPBACK, Device
+from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.paths import check_name
+
+MODEL_FILE = "model.onnx"
+
+
+def serve(
+    path: Annotated[Path, typer.Argument(
+        help="An .onnx file, or a folder holding model.onnx, exactly one *.onnx file, or "
+             "version folders (1/model.onnx, as KServe lays out /mnt/models).",
+        show_default=False)],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port.")] = 8080,
+    grpc_port: Annotated[int, typer.Option(
+        min=0, max=65535, help="gRPC port (0: no gRPC).")] = 8081,
+    host: Annotated[str, typer.Option(
+        help="Address to bind. 0.0.0.0 by default, since this is the container entrypoint; "
+             "use 127.0.0.1 to keep it on this machine.")] = "0.0.0.0",
+    name: Annotated[Optional[str], typer.Option(
+        "--name", "-n", help="Model name in the protocol's paths (default: the file's stem, "
+                             "or the folder's name).")] = None,
+    device: Annotated[Device, typer.Option(
+        help="auto tries CUDA and falls back to the CPU.")] = Device.auto,
+    max_batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Most rows per model run when batching concurrent requests (default 64; "
+                    "1 turns batching off).")] = None,
+    batch_delay_ms: Annotated[Optional[float], typer.Option(
+        min=0, help="Wait this long for more requests to fill a batch (default 0).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(
+        min=1, help="Requests allowed to wait; past it answers 503 (default 1024).")] = None,
+    max_body_mb: Annotated[float, typer.Option(
+        min=0.001, help="Largest request body in MiB; past it answers 413.")] = 64,
+    instances: Annotated[int, typer.Option(
+        min=1, max=64, help="ONNX Runtime sessions.")] = 1,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="MSERVE_TOKEN", show_envvar=True,
+        help="Require 'Authorization: Bearer TOKEN' on every route but health.")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(
+        help="Read the token from this file.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(
+        help="Serve HTTPS with this PEM certificate.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(
+        help="The PEM private key of --tls-cert.")] = None,
+) -> None:
+    """Serve one model in the foreground, without the daemon (the container entrypoint).
+
+    Ready (GET /v2/health/ready) only once the model is loaded and warmed up.
+
+    SIGTERM or Ctrl-C drains in-flight requests (MSERVE_DRAIN_TIMEOUT s) and exits 0.
+
+    Example: mserve serve /mnt/models --port 8080 --name iris
+    """
+    model, number, hint = locate(path.expanduser())
+    name = (name or hint or default_name(path.expanduser())).lower()
+    if problem := check_name(name):
+        raise BadRequest(f"{problem} (pass --name)")
+    if port == grpc_port:
+        raise BadRequest(f"--port and --grpc-port must differ (both {port})")
+    token = _read_token(token, token_file)
+    if (tls_cert is None) != (tls_key is None):
+        raise BadRequest("--tls-cert and --tls-key go together")
+    if host not in LOOPBACK and not token:
+        sys.stderr.write(f"Warning: serving on {host} without --token: anyone who can reach "
+                         "this port can use the model\n")
+    options = {"device": device.value, "max_batch_size": max_batch_size,
+               "batch_delay_ms": batch_delay_ms, "max_queue": max_queue,
+               "max_body_mb": max_body_mb, "instances": instances,
+               "grpc_port": grpc_port or None}
+    if tls_cert is not None:
+        options["tls"] = {"cert": str(tls_cert.absolute()), "key": str(tls_key.absolute())}
+    config = {"name": name, "host": host, "port": port, "standalone": True,
+              "token_hash": hashlib.sha256(token.encode()).hexdigest() if token else None,
+              "options": options, "bind_retry_s": 0,
+              "drain_s": float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30")),
+              "versions": [{"number": number, "path": str(model.absolute()), "active": True}]}
+    # Until the worker installs its own handlers, SIGTERM stops a long load at once (a
+    # container's PID 1 would otherwise ignore it).
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    from mserve.daemon.worker import main as worker
+
+    if worker.main(["mserve serve", json.dumps(config)]) != 0:
+        raise typer.Exit(1)  # the worker printed the reason
+
+
+def locate(path: Path) -> tuple[Path, int, str | None]:
+    """The model file under ``path``, its version number and a name hint:
+    a file; a folder with model.onnx or exactly one *.onnx; version folders (``1/model.onnx``,
+    the newest wins); or a Triton-style repository holding one model (``NAME/1/model.onnx``).
+    """
+    if path.is_file():
+        return path, 1, None
+    if not path.is_dir():
+        raise BadRequest(f"model path '{path}' does not exist")
+    if (model := _model_in(path)) is not None:
+        return model, 1, None
+    if (newest := _newest_version(path)) is not None:
+        return (*newest, None)
+    folders = [d for d in _subfolders(path) if not d.name.isdigit()]
+    if len(folders) == 1 and (newest := _newest_version(folders[0])) is not None:
+        return (*newest, folders[0].name)
+    raise BadRequest(f"folder '{path}' holds no model: expected {MODEL_FILE}, one .onnx file, "
+                     f"or a version folder such as 1/{MODEL_FILE}")
+
+
+def _model_in(folder: Path) -> Path | None:
+    if (folder / MODEL_FILE).is_file():
+        return folder / MODEL_FILE
+    found = sorted(p for p in folder.glob("*.onnx") if p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found[:5])
+        raise BadRequest(f"folder '{folder}' holds several .onnx files ({names}); "
+                         "give the path of one")
+    return found[0] if found else None
+
+
+def _newest_version(folder: Path) -> tuple[Path, int] | None:
+    for version in sorted((d for d in _subfolders(folder) if d.name.isdigit()),
+                          key=lambda d: int(d.name), reverse=True):
+        if (model := _model_in(version)) is not None:
+            return model, int(version.name)
+    return None
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    try:
+        return [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    except OSError as exc:
+        raise BadRequest(f"cannot read '{folder}': {exc.strerror}") from None
+
+
+def default_name(path: Path) -> str:
+    """As ``deploy`` names things: a file's stem, a folder's name."""
+    return path.stem if path.is_file() else path.absolute().name
+
+
+def _read_token(token: str | None, token_file: Path | None) -> str | None:
+    if token_file is not None:
+        try:
+            return token_file.read_text().strip() or None
+        except OSError as exc:
+            raise MserveError(f"cannot read token file '{token_file}': {exc.strerror}") from None
+    return token or None
