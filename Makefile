@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_HOME ?= $(CURDIR)/.mserve-demo
 
-.PHONY: demo test install clean demo-stop completions
+.PHONY: demo test install clean demo-stop completions bench soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ demo-stop:
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# Benchmarks against a FastAPI baseline and KServe, measured in one run (docs/benchmarks.md).
+bench: install
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Mixed good/bad load, deploys, rollbacks and a worker kill (docs/reliability.md).
+soak: install
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 completions: install
 	$(BIN)/python completions/generate.py
