@@ -223,10 +223,15 @@ class Deployments:
             self._reserved_ports -= {port, grpc_port}
 
     async def _start_or_fail(self, name: str, config: dict) -> dict:
+        """Start the worker on ``config``. If that fails, a new deployment leaves no worker
+        behind; an existing one is restarted later on what the state says."""
         try:
             return await self.supervisor.start(name, config, load_timeout())
-        except DeployFailed:
-            self.supervisor.workers.pop(name, None)
+        except DeployFailed as exc:
+            if self.state.deployment(name) is None:
+                self.supervisor.workers.pop(name, None)
+            else:
+                self.supervisor.note_failed_start(name, exc.message)
             raise
 
     async def _switch_to_new(self, d: dict, version: dict, options: dict, token_hash,
