@@ -43,6 +43,29 @@ def http(sock: socket.socket, method: str, path: str, body: bytes | None = None,
     return int(status_line.split()[1]), answer_headers, payload
 
 
+def _read_headers(f) -> dict[str, str]:
+    headers = {}
+    while (line := f.readline().decode("latin-1").strip()):
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return headers
+
+
+def _lines(f, headers: dict[str, str]):
+    """The non-empty lines of a (possibly chunked) body, as they arrive."""
+    if headers.get("transfer-encoding", "").lower() != "chunked":
+        yield from (line for line in f if line.strip())
+        return
+    pending = b""
+    while (size := int(f.readline().split(b";")[0], 16)) > 0:
+        pending += f.read(size)
+        f.readline()  # the CRLF after each chunk
+        *complete, pending = pending.split(b"\n")
+        yield from (line for line in complete if line.strip())
+    if pending.strip():
+        yield pending
+
+
 def _dechunk(data: bytes) -> bytes:
     out, pos = [], 0
     while True:
@@ -100,6 +123,34 @@ class DaemonClient:
         except OSError as exc:
             raise DaemonUnavailable(f"lost the connection to the daemon: {exc}") from None
         return check(status, data)
+
+    def stream(self, method: str, path: str, payload: dict, on_progress) -> dict:
+        """A request answered with JSON lines: ``on_progress(step)`` for each progress line,
+        then the final result (or the server's error as an exception)."""
+        sock = self._connect(self.timeout)
+        body = json.dumps(payload).encode()
+        head = (f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                f"Accept: application/x-ndjson\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        try:
+            with sock, sock.makefile("rb") as f:
+                sock.sendall(head.encode() + body)
+                status = int(f.readline().split()[1])
+                headers = _read_headers(f)
+                if status >= 300 or "ndjson" not in headers.get("content-type", ""):
+                    return check(status, f.read())
+                for line in _lines(f, headers):
+                    message = json.loads(line)
+                    if "progress" in message:
+                        on_progress(message["progress"])
+                    elif "result" in message:
+                        return message["result"]
+                    else:
+                        raise error_for_status(message.get("status", 500), message["error"],
+                                               message.get("hint"))
+        except (OSError, ValueError, IndexError) as exc:
+            raise DaemonUnavailable(f"lost the connection to the daemon: {exc}") from None
+        raise MserveError("the daemon ended the answer without a result")
 
     def status(self, timeout: float | None = -1) -> dict:
         return self.call("GET", "/v1/status", timeout=timeout)

@@ -6,6 +6,7 @@ its status in one handler.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from importlib.metadata import version as dist_version
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from mserve.daemon.deployments import Deployments
@@ -54,11 +55,18 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
             return JSONResponse(deployments.detail(d, await deployments.live(d["name"])))
         return JSONResponse(deployments.describe(d))
 
-    async def deploy(request: Request):
-        answer = await deployments.deploy(await _body(request))
+    async def run_deploy(body: dict, progress=None) -> dict:
+        answer = await deployments.deploy(body, progress)
         if answer["changed"]:
             answer["pruned"] = rollouts.retain(answer["name"])
-        return JSONResponse(answer)
+        return answer
+
+    async def deploy(request: Request):
+        body = await _body(request)
+        if "application/x-ndjson" not in request.headers.get("accept", ""):
+            return JSONResponse(await run_deploy(body))
+        return StreamingResponse(_progress_lines(run_deploy, body),
+                                 media_type="application/x-ndjson")
 
     async def rollback(request: Request):
         body = await _body(request)
@@ -127,6 +135,22 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         Route("/v1/shutdown", shutdown, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={Exception: error, MserveError: error})
+
+
+async def _progress_lines(run, body: dict):
+    """One JSON line per progress step, then {"result": ...} or {"error", "status"}."""
+    queue: asyncio.Queue = asyncio.Queue()
+    task = asyncio.create_task(run(body, queue.put_nowait))
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    while (step := await queue.get()) is not None:
+        yield json.dumps({"progress": step}) + "\n"
+    try:
+        yield json.dumps({"result": task.result()}) + "\n"
+    except MserveError as exc:
+        yield json.dumps({**exc.to_dict(), "status": exc.status}) + "\n"
+    except Exception as exc:
+        log.exception("deploy failed")
+        yield json.dumps({"error": f"internal error in the daemon: {exc}", "status": 500}) + "\n"
 
 
 def _version_field(body: dict, key: str) -> int | None:

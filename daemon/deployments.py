@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import socket
 import sqlite3
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,10 @@ DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": N
                    "max_queue": None, "instances": 1, "max_body_mb": 64,
                    "sticky_header": None, "keep": 5}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
+# The deploy in progress reports its phases here (one per task, so parallel deploys of
+# different names do not mix their reports).
+_progress: contextvars.ContextVar[Callable[[dict], None]] = contextvars.ContextVar(
+    "progress", default=lambda step: None)
 
 
 def load_timeout() -> float:
@@ -105,7 +111,13 @@ class Deployments:
         return d
 
     # ---- deploy ------------------------------------------------------------------------
-    async def deploy(self, req: dict) -> dict:
+    async def deploy(self, req: dict, progress: Callable[[dict], None] | None = None) -> dict:
+        """Deploy ``req``; ``progress`` (called on the event loop) hears each phase:
+        copy (with bytes), validate, load, switch."""
+        _progress.set(progress or (lambda step: None))
+        return await self._deploy_locked(req)
+
+    async def _deploy_locked(self, req: dict) -> dict:
         source = Path(req.get("path") or "")
         if not source.is_absolute():
             raise BadRequest("path must be absolute")
@@ -125,7 +137,12 @@ class Deployments:
         existing = self.state.deployment(name)
         if existing:
             _check_same_place(existing, req)
-        artifact = await asyncio.to_thread(self.store.ingest, source)
+        report, loop = _progress.get(), asyncio.get_running_loop()
+
+        def copied(done: int, total: int) -> None:
+            loop.call_soon_threadsafe(report, {"step": "copy", "done": done, "total": total})
+
+        artifact = await asyncio.to_thread(self.store.ingest, source, copied)
         self.ingesting.add(artifact.sha256)
         try:
             await asyncio.to_thread(faults.pause, "after-copy")
@@ -216,6 +233,7 @@ class Deployments:
             d = {"name": name, "host": host, "port": port, "options": options,
                  "token_hash": token_hash}
             config = self._config(d, [(version, True)], bind_retry_s=0)
+            _progress.get()({"step": "load"})
             event = await self._start_or_fail(name, config)
             version["meta"] = event["versions"][str(version["number"])]
             await self._record_or_undo(None, version, d)
@@ -250,9 +268,12 @@ class Deployments:
         if worker is None or worker.status != READY:  # nothing serves: start on the plan
             event = await self.apply(d, plan, extra=[version])
             return event["versions"][str(version["number"])]
+        _progress.get()({"step": "validate"})
         await self.probe(path, options["device"])
+        _progress.get()({"step": "load"})
         reply = await worker.request("load", load_timeout(), number=version["number"],
                                      path=path, options=options)
+        _progress.get()({"step": "switch"})
         await self.apply(d, plan, extra=[version])
         return reply["meta"]
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from mserve.daemon.errors import BadRequest, MserveError
 MODEL_FILE = "model.onnx"
 TMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
+
+
+Progress = Callable[[int, int], None]
 
 
 class StoreError(MserveError):
@@ -54,16 +58,25 @@ class Store:
                     removed.append(entry.name)
         return removed
 
-    def ingest(self, source: Path) -> Artifact:
-        """Copy a model file, or a folder holding ``model.onnx``, into the store."""
+    def ingest(self, source: Path, progress: Progress | None = None) -> Artifact:
+        """Copy a model file, or a folder holding ``model.onnx``, into the store;
+        ``progress(done, total)`` is called as bytes are copied and hashed."""
         files = _source_files(source)
+        total = sum(src.stat().st_size for _, src in files)
+        copied = [0]
+
+        def advance(n: int) -> None:
+            copied[0] += n
+            if progress is not None:
+                progress(copied[0], total)
+
         tmp = self.root / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             digests, size = {}, 0
             for rel, src in files:
-                digests[rel], n = _copy_hashed(src, tmp / rel)
+                digests[rel], n = _copy_hashed(src, tmp / rel, advance)
                 size += n
             sha = _artifact_hash(digests, source.is_dir())
             _fsync_dir(tmp)
@@ -112,7 +125,7 @@ def _check_readable(path: Path) -> None:
         raise BadRequest(f"cannot read '{path}': permission denied")
 
 
-def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
+def _copy_hashed(src: Path, dst: Path, advance=lambda n: None) -> tuple[str, int]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -120,6 +133,7 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
             digest.update(chunk)
             fout.write(chunk)
             size += len(chunk)
+            advance(len(chunk))
             faults.pause("during-copy")
         fout.flush()
         os.fsync(fout.fileno())

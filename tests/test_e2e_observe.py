@@ -109,3 +109,27 @@ def test_list_status_and_history(shared, observed, model_dir):
         ("deploy", 1), ("deploy", 2), ("rollback", 1)]
     assert all(e["time"] and e["actor"] for e in history)
     assert "deployment 'ghost' not found" in shared.fail("history", "ghost")
+
+
+def test_deploy_progress_is_streamed_in_phases(shared, model_dir):
+    from mserve.cli.client import DaemonClient
+
+    path = models.affine(model_dir / "progress.onnx", scale=5.0)
+    client = DaemonClient(str(shared.home / "mserve.sock"))
+    steps: list[dict] = []
+    first = client.stream("POST", "/v1/deployments", {"path": str(path), "name": "progress"},
+                          steps.append)
+    assert first["version"] == 1 and [s["step"] for s in steps][-1] == "load"
+    copies = [s for s in steps if s["step"] == "copy"]
+    assert copies[-1]["done"] == copies[-1]["total"] == path.stat().st_size
+    steps.clear()
+    path2 = models.affine(model_dir / "progress2.onnx", scale=6.0)
+    client.stream("POST", "/v1/deployments", {"path": str(path2), "name": "progress"},
+                  steps.append)
+    assert [s["step"] for s in steps if s["step"] != "copy"] == ["validate", "load", "switch"]
+    from mserve.daemon.errors import MserveError
+
+    with pytest.raises(MserveError, match="does not exist"):
+        client.stream("POST", "/v1/deployments", {"path": "/nope.onnx", "name": "progress"},
+                      steps.append)
+    shared.ok("undeploy", "progress")

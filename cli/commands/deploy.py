@@ -66,6 +66,8 @@ def deploy(
         help="Serve HTTPS with this PEM certificate (first deploy only).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(
         help="The PEM private key of --tls-cert.")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress display (it only shows on a terminal).")] = False,
     json_out: JsonOption = False,
 ) -> None:
     """Deploy a model, or a new version of a deployment, with no failed request.
@@ -89,7 +91,11 @@ def deploy(
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
                "token": token, "tls_cert": _absolute(tls_cert), "tls_key": _absolute(tls_key)}
-    answer = autostart.client().deploy(request)
+    client = autostart.client()
+    if json_out or quiet or not sys.stdout.isatty():
+        answer = client.deploy(request)
+    else:
+        answer = with_progress(client, request)
     if json_out:
         emit_json(answer)
         return
@@ -103,3 +109,28 @@ def deploy(
         f"(device {d['device']})")
     if answer.get("pruned"):
         say(f"Pruned the artifacts of versions {', '.join(map(str, answer['pruned']))}")
+
+
+STEPS = {"copy": "Copying and hashing", "validate": "Validating in a child process",
+         "load": "Loading and warming up", "switch": "Switching traffic"}
+
+
+def with_progress(client, request: dict) -> dict:
+    """Deploy while a Rich progress display shows each phase (bytes for the copy)."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn,
+                               TextColumn, TimeElapsedColumn)
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("Starting", total=None)
+
+        copied = {"done": 0, "total": None}
+
+        def show(step: dict) -> None:
+            if step["step"] == "copy":
+                copied.update(done=step["done"], total=step["total"])
+            progress.update(task, description=STEPS.get(step["step"], step["step"]),
+                            completed=copied["done"], total=copied["total"])
+
+        return client.stream("POST", "/v1/deployments", request, show)

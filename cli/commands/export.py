@@ -6,17 +6,14 @@ what it needs from the daemon, lays the model out with ``--artifact``, and write
 
 from __future__ import annotations
 
-import shutil
 import sys
 from enum import Enum
-from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from mserve.cli import autostart
-from mserve.cli import kserve as ks
 from mserve.daemon import paths as paths_mod
 from mserve.daemon.errors import BadRequest, MserveError, NotFound
 
@@ -61,6 +58,10 @@ def kserve(
 
     Example: mserve export kserve iris --artifact ./iris-kserve --storage-uri s3://bucket/iris
     """
+    from importlib.metadata import version as dist_version
+
+    from mserve.cli import kserve as ks
+
     client = autostart.client()
     d = client.deployment(name, detail=True)
     split = ks.canary(d.get("traffic"))
@@ -86,8 +87,12 @@ def kserve(
         print(line, file=sys.stderr if output == "-" else sys.stdout)
 
 
-def lay_out(folder: Path, d: dict, version: dict, target: ks.Target) -> None:
+def lay_out(folder: Path, d: dict, version: dict, target) -> None:
     """Copy the version's stored files into ``folder`` in the storage initializer's layout."""
+    import shutil
+
+    from mserve.cli import kserve as ks
+
     source = paths_mod.resolve().models / version["sha256"]
     if not (source / "model.onnx").is_file():
         raise MserveError(f"version {version['version']} of '{d['name']}' is no longer in "
@@ -115,7 +120,7 @@ def _batchable(model: Path) -> bool:
     return bool(inputs) and all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
 
 
-def _yaml(docs: list[dict], d: dict, version: dict, target: ks.Target) -> str:
+def _yaml(docs: list[dict], d: dict, version: dict, target) -> str:
     import yaml
 
     head = (f"# mserve export kserve {d['name']}: version {version['version']} "
