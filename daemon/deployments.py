@@ -501,7 +501,8 @@ def _url_host(host: str) -> str:
 
 def _version_view(v: dict) -> dict:
     meta = v.get("meta") or {}
-    return {"version": v["number"], "sha256": v["sha256"], "size": v["size"],
+    return {"version": v["number"], "number": v["number"], "sha256": v["sha256"],
+            "size": v["size"],
             "created": v["created"], "source": v["source"], "state": v["state"],
             "device": meta.get("device"), "error": v.get("error")}
 
