@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import httpx
 import numpy as np
@@ -26,8 +27,12 @@ from mserve.daemon.errors import BadRequest
 from mserve.daemon.worker import codecs, codecs_v1
 from mserve.daemon.worker.codecs import DTYPES, TensorSpec
 
-PURE = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-LIVE = settings(max_examples=120, deadline=None, database=None,
+# MSERVE_FUZZ_SCALE=20 multiplies the examples (a longer hunt than the suite's few seconds).
+# No example database: a failing example is printed in full, to be pasted into a test.
+SCALE = float(os.environ.get("MSERVE_FUZZ_SCALE") or 1)
+PURE = settings(max_examples=int(300 * SCALE), deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+LIVE = settings(max_examples=int(120 * SCALE), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow,
                                        HealthCheck.function_scoped_fixture])
 
@@ -53,9 +58,10 @@ MIXED_INPUTS, MIXED_OUTPUTS = SPEC_SETS["mixed"]
 KEYS = st.sampled_from(["inputs", "outputs", "name", "datatype", "shape", "data", "parameters",
                         "binary_data_size", "binary_data_output", "binary_data", "id",
                         "instances", "b64", "a", "b", "x", "sum", "count"]) | st.text(max_size=6)
+TEXT = st.text(st.characters(codec="utf-8"), max_size=6)
 LEAVES = (st.none() | st.booleans()
           | st.integers(-2**64 - 2, 2**64 + 2) | st.integers()
-          | st.floats() | st.text(max_size=8)
+          | st.floats() | st.text(max_size=8) | TEXT
           | st.sampled_from(list(DTYPES) + ["FP8", "fp32", "", "INT128"]))
 JSON_VALUES = st.recursive(
     LEAVES, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(KEYS, inner, max_size=5),
@@ -68,16 +74,21 @@ def dumps(doc) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
 
 
+def bad(draw, percent: int) -> bool:
+    """True ``percent`` % of the time: the chance of one mutation (shrinks towards valid)."""
+    return draw(st.integers(0, 99)) >= 100 - percent
+
+
 @st.composite
 def mutated(draw, body: bytes) -> bytes:
     """Usually ``body`` itself; sometimes truncated, a byte replaced or junk appended."""
-    mode = draw(st.integers(0, 7))
-    if mode <= 4 or not body:
+    if not bad(draw, 12) or not body:
         return body
+    mode = draw(st.integers(0, 2))
     at = draw(st.integers(0, len(body) - 1))
-    if mode == 5:
+    if mode == 0:
         return body[:at]
-    if mode == 6:
+    if mode == 1:
         return body[:at] + bytes([draw(st.integers(0, 255))]) + body[at + 1:]
     return body + draw(st.binary(min_size=1, max_size=8))
 
@@ -85,24 +96,29 @@ def mutated(draw, body: bytes) -> bytes:
 # ---------------------------------------------------------------- almost-valid tensors
 
 
-def elements(datatype: str, v1: bool = False) -> st.SearchStrategy:
-    """Values that fit ``datatype`` most of the time, and sometimes don't."""
+def elements(draw, datatype: str, v1: bool = False) -> st.SearchStrategy:
+    """A strategy for the elements of one tensor: values that fit ``datatype``; for some tensors
+    also out-of-range values or other JSON values (decided once per tensor)."""
     if datatype == "BOOL":
         good = st.booleans() | st.sampled_from([0, 1])
     elif datatype in INT_TYPES:
         info = np.iinfo(DTYPES[datatype])
-        good = (st.integers(int(info.min), int(info.max))
-                | st.integers(-128, 127).map(float)
-                | st.sampled_from([int(info.min) - 1, int(info.max) + 1]))
+        good = st.integers(int(info.min), int(info.max)) | st.integers(-128, 127).map(float)
+        if bad(draw, 6):
+            good = good | st.sampled_from([int(info.min) - 1, int(info.max) + 1, 2**64, 0.5])
     elif datatype in FLOAT_TYPES:
-        good = (st.floats(allow_nan=False, allow_infinity=False)
-                | st.integers(-2**63, 2**64 - 1) | st.sampled_from([65504.0, 65520.0, 3.5e38]))
+        width = {"FP16": 16, "FP32": 32, "FP64": 64}[datatype]
+        good = (st.floats(width=width, allow_nan=False, allow_infinity=False)
+                | st.integers(-2**53, 2**53))
+        if bad(draw, 6):
+            good = good | st.floats() | st.sampled_from([2**63, 2**64 - 1, 2**64, 65504.0,
+                                                         65520.0, 3.5e38, 1e308])
     else:  # BYTES
-        good = st.text(max_size=6)
+        good = TEXT
         if v1:
             good = good | st.builds(lambda t: {"b64": t},
                                     st.sampled_from(["", "aGk=", "aGk", "!!", "é", "AAAA"]))
-    return st.one_of(good, good, good, LEAVES)
+    return good | LEAVES if bad(draw, 6) else good
 
 
 def nest(flat: list, shape: list[int]):
@@ -123,9 +139,9 @@ def small_valid(shape) -> bool:
 @st.composite
 def shape_near(draw, declared: tuple[int, ...]):
     """A shape for an input declared as ``declared``: mostly valid, sometimes wrong."""
-    mode = draw(st.integers(0, 11))
-    if mode <= 6:  # valid: dynamic dims filled in
+    if not bad(draw, 10):  # valid: dynamic dims filled in
         return [d if d >= 0 else draw(st.integers(0, 3)) for d in declared]
+    mode = draw(st.integers(7, 11))
     if mode == 7:  # any small rank and dims
         return draw(st.lists(st.integers(0, 4), max_size=5))
     if mode == 8:  # oversized
@@ -144,11 +160,11 @@ def shape_near(draw, declared: tuple[int, ...]):
 @st.composite
 def tensor_data(draw, datatype: str, shape, v1: bool = False):
     """JSON data for a tensor of ``shape``: flat or nested, right or wrong count, or junk."""
-    mode = draw(st.integers(0, 9))
+    mode = draw(st.integers(6, 9)) if bad(draw, 10) else draw(st.integers(0, 5))
     count = math.prod(shape) if small_valid(shape) else draw(st.integers(0, 6))
     if mode == 7:
         count = max(0, count + draw(st.sampled_from([-1, 1, 2])))
-    flat = draw(st.lists(elements(datatype, v1), min_size=count, max_size=count))
+    flat = draw(st.lists(elements(draw, datatype, v1), min_size=count, max_size=count))
     if mode <= 3 and small_valid(shape):
         return nest(flat, shape)
     if mode == 8:  # ragged
@@ -177,34 +193,34 @@ def binary_chunk(datatype: str, shape, raw: bytes) -> bytes:
 @st.composite
 def v2_input(draw, spec: TensorSpec, names: list[str]):
     """One entry of ``inputs`` and its binary chunk (b"" when it carries JSON data)."""
-    name = draw(st.sampled_from([spec.name] * 6 + names + ["", "zz", "A"]) | LEAVES)
-    datatype = draw(st.sampled_from([spec.datatype] * 6 + list(DTYPES) + ["fp32", "FP8"]) |
-                    LEAVES)
+    name = draw(st.sampled_from(names + ["", "zz", "A"]) | LEAVES) if bad(draw, 4) else spec.name
+    datatype = (draw(st.sampled_from(list(DTYPES) + ["fp32", "FP8"]) | LEAVES)
+                if bad(draw, 5) else spec.datatype)
     shape = draw(shape_near(spec.shape))
     entry = {"name": name, "datatype": datatype, "shape": shape}
-    if draw(st.integers(0, 2)) == 0:  # binary
+    if draw(st.booleans()):  # binary
         raw = draw(st.binary(max_size=16))
         chunk = binary_chunk(datatype, shape, raw)
-        lie = draw(st.integers(0, 6))
-        if lie == 4:
-            chunk = chunk[:-1] if chunk else b"\x00"
-        elif lie == 5:
-            chunk = chunk + b"\x01\x00\x00\x00"
+        if bad(draw, 6):
+            lie = draw(st.integers(0, 2))
+            if lie == 0:
+                chunk = chunk[:-1] if chunk else b"\x00"
+            elif lie == 1:
+                chunk = chunk + b"\x01\x00\x00\x00"
         size = len(chunk)
-        if lie == 6:  # the declared size itself lies or is not an integer
+        if bad(draw, 5):  # the declared size itself lies or is not an integer
             size = draw(st.sampled_from([-1, size + 1, max(0, size - 1), 2**63, float(size),
                                          str(size), None, True]))
         entry["parameters"] = {"binary_data_size": size}
-        if draw(st.integers(0, 9)) == 0:
+        if bad(draw, 3):
             entry["data"] = [1]  # both data and binary_data_size
         return entry, chunk
-    mode = draw(st.integers(0, 9))
-    if mode <= 7:
+    if not bad(draw, 4):
         entry["data"] = draw(tensor_data(datatype if datatype in DTYPES else spec.datatype,
                                          shape))
-    elif mode == 8:
+    elif draw(st.booleans()):
         entry["parameters"] = draw(JSON_VALUES)  # and no data
-    if draw(st.integers(0, 9)) == 0:
+    if bad(draw, 4):
         entry[draw(KEYS)] = draw(LEAVES)
     return entry, b""
 
@@ -215,10 +231,10 @@ def v2_bodies(draw, set_name: str | None = None):
     set_name = set_name or draw(st.sampled_from(sorted(SPEC_SETS)))
     inputs, outputs = SPEC_SETS[set_name]
     names = [s.name for s in inputs]
-    chosen = draw(st.permutations(inputs))
-    keep = len(chosen) - draw(st.sampled_from([0, 0, 0, 0, 1]))
-    chosen = list(chosen[:max(0, keep)])
-    if chosen and draw(st.integers(0, 9)) == 0:
+    chosen = list(draw(st.permutations(inputs)))
+    if bad(draw, 5):
+        chosen = chosen[:-1]
+    if chosen and bad(draw, 4):
         chosen.append(chosen[0])  # a duplicate
     entries, chunks = [], []
     for spec in chosen:
@@ -226,27 +242,29 @@ def v2_bodies(draw, set_name: str | None = None):
         entries.append(entry)
         chunks.append(chunk)
     doc: dict = {"inputs": entries}
-    if draw(st.integers(0, 5)) == 0:
+    if bad(draw, 4):
         doc["inputs"] = draw(JSON_VALUES)
     if draw(st.booleans()):
-        doc["id"] = draw(st.text(max_size=8) | LEAVES)
-    if draw(st.integers(0, 3)) == 0:
-        doc["parameters"] = draw(st.fixed_dictionaries(
-            {}, optional={"binary_data_output": st.booleans() | LEAVES}) | LEAVES)
-    if draw(st.integers(0, 2)) == 0:
-        out_names = [s.name for s in outputs] + ["nope", ""]
+        doc["id"] = draw(LEAVES) if bad(draw, 10) else draw(st.text(max_size=8))
+    if draw(st.booleans()):
+        flag = draw(LEAVES) if bad(draw, 10) else draw(st.booleans())
+        doc["parameters"] = draw(LEAVES) if bad(draw, 5) else {"binary_data_output": flag}
+    if draw(st.booleans()):
+        out_names = [s.name for s in outputs]
+        junk = bad(draw, 15)
         doc["outputs"] = draw(st.lists(st.fixed_dictionaries(
-            {"name": st.sampled_from(out_names) | LEAVES},
+            {"name": st.sampled_from(out_names + ["nope", ""]) | LEAVES if junk
+             else st.sampled_from(out_names)},
             optional={"parameters": st.fixed_dictionaries(
-                {}, optional={"binary_data": st.booleans() | LEAVES}) | LEAVES}), max_size=3)
-            | LEAVES)
+                {}, optional={"binary_data": st.booleans() | LEAVES if junk else st.booleans()})
+                | (LEAVES if junk else st.nothing())}), max_size=3, unique_by=str))
     header = dumps(doc)
     binary = b"".join(chunks)
     body = draw(mutated(header + binary))
-    if binary and draw(st.integers(0, 3)):
-        header_length = len(header)
+    if bad(draw, 10):
+        header_length = draw(st.none() | st.integers(-2, len(body) + 2))
     else:
-        header_length = draw(st.none() | st.integers(-2, len(body) + 2) | st.just(len(header)))
+        header_length = len(header) if binary or draw(st.booleans()) else None
     return set_name, body, header_length
 
 
@@ -255,21 +273,24 @@ def v1_bodies(draw, set_name: str | None = None):
     """(spec set name, body) of an almost-valid TF Serving / KServe V1 predict request."""
     set_name = set_name or draw(st.sampled_from(sorted(SPEC_SETS)))
     inputs, _ = SPEC_SETS[set_name]
-    mode = draw(st.integers(0, 9))
-    rows = draw(st.integers(0, 3))
+    mode = draw(st.integers(0, 8)) if not bad(draw, 8) else 9
+    rows = draw(st.integers(1, 3)) if not bad(draw, 5) else 0
 
-    def row(spec):  # one instance's value: the shape without its batch dim
-        shape = draw(shape_near(spec.shape[1:]))
-        return draw(tensor_data(spec.datatype, shape, v1=True))
+    row_shapes: dict[str, object] = {}
+
+    def row(spec):  # one instance's value: the shape without its batch dim, the same each row
+        if spec.name not in row_shapes or bad(draw, 5):
+            row_shapes[spec.name] = draw(shape_near(spec.shape[1:]))
+        return draw(tensor_data(spec.datatype, row_shapes[spec.name], v1=True))
 
     def column(spec):
         shape = draw(shape_near(spec.shape))
         return draw(tensor_data(spec.datatype, shape, v1=True))
 
     chosen = list(draw(st.permutations(inputs)))
-    if draw(st.integers(0, 5)) == 0:
+    if bad(draw, 5):
         chosen = chosen[:-1]
-    extra = {draw(st.sampled_from(["zz", "a", "x"])): [1]} if draw(st.integers(0, 9)) == 0 else {}
+    extra = {draw(st.sampled_from(["zz", "a", "x"])): [1]} if bad(draw, 5) else {}
     if mode <= 3:  # rows keyed by input name
         doc = {"instances": [{**{s.name: row(s) for s in chosen}, **extra}
                              for _ in range(rows)]}
@@ -282,7 +303,7 @@ def v1_bodies(draw, set_name: str | None = None):
     else:
         doc = draw(st.dictionaries(st.sampled_from(["instances", "inputs", "x"]), JSON_VALUES,
                                    max_size=2))
-    if draw(st.integers(0, 9)) == 0:
+    if bad(draw, 4):
         doc["instances" if "inputs" in doc else "inputs"] = []  # both forms
     return set_name, draw(mutated(dumps(doc)))
 
@@ -386,8 +407,9 @@ def test_the_valid_path_is_reached():
 NAME = "fuzz-mixed"
 GOOD = {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]},
                    {"name": "b", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}]}
-HEADER_JUNK = st.sampled_from(["", " ", "abc", "-1", "0", "1e3", "0x10", "+5", " 12 ", "1_0",
+HEADER_JUNK = st.sampled_from(["", "abc", "-1", "0", "1e3", "0x10", "+5", "1 2", "1_0", "12a",
                                "9" * 30, "9" * 5000, "3.0"])
+REQUEST_IDS = st.none() | st.from_regex(r"[!-~]{0,60}", fullmatch=True)  # X-Request-ID values
 
 
 @pytest.fixture(scope="module")
@@ -427,10 +449,10 @@ def test_live_v2_infer_never_5xx(live):
     client = live["client"]
 
     @LIVE
-    @given(v2_bodies("mixed"), HEADER_JUNK | st.none(), st.integers(0, 9))
-    def fuzz(case, junk_header, pick):
+    @given(v2_bodies("mixed"), HEADER_JUNK | st.none(), st.integers(0, 9), REQUEST_IDS)
+    def fuzz(case, junk_header, pick, request_id):
         _, body, header_length = case
-        headers = {}
+        headers = {} if request_id is None else {"x-request-id": request_id}
         if pick == 0 and junk_header is not None:
             headers["inference-header-content-length"] = junk_header
         elif header_length is not None:
