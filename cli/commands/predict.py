@@ -181,7 +181,7 @@ def _certificate_name(path: str) -> str | None:
 
     try:  # the stdlib's only PEM decoder; private but present since Python 3.3
         info = ssl._ssl._test_decode_cert(path)
-    except Exception:
+    except (AttributeError, OSError, ValueError):  # ssl.SSLError is an OSError
         return None
     for kind, value in info.get("subjectAltName", ()):
         if kind == "DNS":

@@ -298,7 +298,7 @@ def _bytes_leaf(label: str, item, allow_b64: bool) -> bytes:
 # ---------------------------------------------------------------- binary tensor data
 
 
-def _array_from_binary(label: str, datatype: str, shape: tuple[int, ...], chunk) -> np.ndarray:
+def array_from_binary(label: str, datatype: str, shape: tuple[int, ...], chunk) -> np.ndarray:
     count = math.prod(shape)
     if datatype == "BYTES":
         return _bytes_from_binary(label, count, chunk).reshape(shape)
@@ -370,7 +370,7 @@ def parse_request(body: bytes, header_length: int | None, *,
         chunk = binary[offset:offset + (item.binary_size or 0)]
         offset += len(chunk)
         inputs.append(_decode_input(item, chunk))
-    outputs = _requested_outputs(doc.get("outputs"), binary_output)
+    outputs = requested_outputs(doc.get("outputs"), binary_output)
     return InferRequest(request_id, parameters, inputs, outputs, binary_output)
 
 
@@ -421,7 +421,7 @@ def _check_binary_total(pending: list[_PendingInput], available: int, header_len
 def _decode_input(item: _PendingInput, chunk) -> InferInput:
     label = f"input '{item.name}'"
     if item.binary_size is not None:
-        array = _array_from_binary(label, item.datatype, item.shape, chunk)
+        array = array_from_binary(label, item.datatype, item.shape, chunk)
         return InferInput(item.name, item.datatype, item.shape, array)
     array = array_from_json(label, item.datatype, item.data)
     count = math.prod(item.shape)
@@ -431,7 +431,7 @@ def _decode_input(item: _PendingInput, chunk) -> InferInput:
     return InferInput(item.name, item.datatype, item.shape, array.reshape(item.shape))
 
 
-def _requested_outputs(outputs, binary_output: bool) -> list[RequestedOutput] | None:
+def requested_outputs(outputs, binary_output: bool) -> list[RequestedOutput] | None:
     """The outputs asked for; absent or empty means all of them (as Triton does)."""
     if outputs is None or outputs == []:
         return None
