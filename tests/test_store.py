@@ -203,10 +203,10 @@ def test_no_space_left_during_copy(store, model_folder, monkeypatch):
     real_copy = store_mod._copy_hashed
     calls = []
 
-    def copy_then_fill_disk(src, dst):
+    def copy_then_fill_disk(src, dst, advance):
         calls.append(dst)
         if len(calls) == 1:
-            return real_copy(src, dst)  # the first file goes through
+            return real_copy(src, dst, advance)  # the first file goes through
         dst.write_bytes(b"partial")    # the second one runs out of space midway
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

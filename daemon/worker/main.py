@@ -122,9 +122,14 @@ class Control:
 
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
         def reader():
-            for line in sys.stdin.buffer:
-                with contextlib.suppress(ValueError):
-                    asyncio.run_coroutine_threadsafe(self.handle(json.loads(line)), loop)
+            # os.read, not sys.stdin: a thread blocked inside a buffered reader makes the
+            # interpreter abort at exit ("_enter_buffered_busy").
+            pending = b""
+            while chunk := os.read(0, 1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    with contextlib.suppress(ValueError):
+                        asyncio.run_coroutine_threadsafe(self.handle(json.loads(line)), loop)
             loop.call_soon_threadsafe(self.stop, "the daemon went away")
 
         threading.Thread(target=reader, name="control", daemon=True).start()
