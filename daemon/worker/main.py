@@ -57,6 +57,8 @@ class Console:
         scheme = "https" if config["options"].get("tls") else "http"
         host = f"[{config['host']}]" if ":" in config["host"] else config["host"]
         self.ready_line = f"serving {config['name']} on {scheme}://{host}:{config['port']}"
+        if grpc_port := config["options"].get("grpc_port"):
+            self.ready_line += f" (gRPC {host}:{grpc_port})"
 
     def send(self, message: dict) -> None:
         if message.get("event") == "ready":

@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# The mserve serving image: one model, `mserve serve /mnt/models`, the entrypoint KServe runs.
+#
+#   docker build -t mserve:0.1.0 .                                   # CPU (plain onnxruntime)
+#   docker build --build-arg VARIANT=gpu -t mserve:0.1.0-gpu .       # CUDA 12 + cuDNN 9
+#   docker run --rm -p 8080:8080 -v "$PWD/model-dir:/mnt/models:ro" mserve:0.1.0 --name iris
+#
+# Arguments after the image name are `mserve serve` options. docs/kubernetes.md has the rest.
+ARG VARIANT=cpu
+ARG CPU_BASE=python:3.12-slim-bookworm
+ARG GPU_BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+FROM ${CPU_BASE} AS base-cpu
+
+FROM ${GPU_BASE} AS base-gpu
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+# Build: a virtual environment in /opt/mserve holding mserve and its runtime dependencies
+# (for the CPU variant, onnxruntime instead of the much larger onnxruntime-gpu).
+FROM base-${VARIANT} AS build
+ARG VARIANT
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY docker/requirements.py docker/
+RUN python3 -m venv /opt/mserve \
+ && python3 docker/requirements.py "${VARIANT}" > /tmp/requirements.txt \
+ && /opt/mserve/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
+COPY cli cli
+COPY daemon daemon
+RUN /opt/mserve/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps . \
+ && /opt/mserve/bin/pip uninstall -y -q pip
+
+# Run: the same base, the environment, an unprivileged user.
+FROM base-${VARIANT}
+ENV PATH=/opt/mserve/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    MSERVE_DRAIN_TIMEOUT=25
+COPY --from=build /opt/mserve /opt/mserve
+RUN groupadd --gid 10001 mserve \
+ && useradd --uid 10001 --gid 10001 --home-dir /home/mserve --create-home \
+            --shell /usr/sbin/nologin mserve
+USER 10001:10001
+WORKDIR /home/mserve
+EXPOSE 8080 8081
+ENTRYPOINT ["mserve", "serve", "/mnt/models"]
