@@ -14,6 +14,7 @@ from pathlib import Path
 from payloads import Body
 
 LUA = Path(__file__).with_name("post.lua")
+BUSY = 0.2  # other processes' share of the CPUs above which a measurement is flagged
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
 
@@ -113,15 +114,78 @@ def parse_wrk(out: str) -> WrkResult:
 
 def _cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs together, from /proc/stat."""
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     return sum(fields) - idle, sum(fields)
 
 
+def _processes() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, utime + stime jiffies) for every process, from /proc/PID/stat."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return table
+
+
+def _tree_jiffies(roots: list[int]) -> int:
+    """CPU jiffies used so far by the processes ``roots`` and all their descendants."""
+    table = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [pid for pid in roots if pid in table]
+    while todo:
+        pid = todo.pop()
+        total += table[pid][1]
+        todo += children.get(pid, [])
+    return total
+
+
+class CpuWatch:
+    """Measures, over a ``with`` block, the share of all CPUs used by processes other than
+    this harness, its children (wrk) and the server ``pids`` (with their descendants)."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = pids
+        self.foreign: float | None = None
+
+    def _ours(self) -> int:
+        tick = os.sysconf("SC_CLK_TCK")
+        mine = os.times()
+        own = (mine.user + mine.system + mine.children_user + mine.children_system) * tick
+        return int(own) + _tree_jiffies(self.pids)
+
+    def __enter__(self) -> CpuWatch:
+        self.start = (*_cpu_times(), self._ours())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        busy, total, ours = (*_cpu_times(), self._ours())
+        foreign = (busy - self.start[0]) - (ours - self.start[2])
+        self.foreign = max(0.0, foreign / max(1, total - self.start[1]))
+
+
 def background_load(seconds: float = 0.5) -> float:
-    """Share (0..1) of all CPUs busy during ``seconds`` while this harness sits idle: other
-    processes on the machine, which distort the next measurement."""
+    """Share (0..1) of all CPUs busy during ``seconds`` while this harness sits idle."""
     busy0, total0 = _cpu_times()
     time.sleep(seconds)
     busy1, total1 = _cpu_times()
     return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def wait_quiet(max_wait: float) -> float:
+    """Sample the background load until it is under BUSY or ``max_wait`` seconds have passed;
+    the last sample."""
+    deadline = time.monotonic() + max_wait
+    load = background_load()
+    while load > BUSY and time.monotonic() < deadline:
+        load = background_load()
+    return load

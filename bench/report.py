@@ -9,10 +9,11 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadgen import BUSY
+
 DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 MARKER = "<!-- Everything below is written by bench/run.py: edit the intro above only. -->"
 BASELINE = "fastapi"
-BUSY = 0.2
 LABELS = {
     "inproc": "in-process `session.run`",
     "fastapi": "FastAPI + uvicorn (baseline)",
@@ -48,7 +49,12 @@ How fast mserve serves a model compared with what a user would otherwise run, me
   contenders run back to back, each with a warm-up run then a measured run. wrk uses 1 thread
   at c=1 and 2 threads otherwise.
 - The in-process row is `session.run` in a Python loop with no network: the physical limit
-  for one thread. It is measured once (single thread) and shown at c=1 only.
+  for one thread. It is measured once (single thread) and shown at c=1 only (n/a at c≥32).
+- **Noise from other processes.** During each measured run the harness accounts the CPU used
+  by every process other than wrk, itself and the server under test. Each run first waits (up
+  to 30 s) for a quiet machine; a run during which other processes used more than 20 % of the
+  CPUs is repeated (up to twice) and the quietest kept; one still busy is flagged **⚠ busy
+  machine** in the table, and its figures and ratios are not to be trusted.
 """
 
 
@@ -65,10 +71,10 @@ class Row:
     errors: int = 0
     error_text: str = "0"
     note: str = ""
-    background: float | None = None  # share of CPU busy just before the cell, see loadgen
+    background: float | None = None  # other processes' CPU share during the run (loadgen)
 
     def busy(self) -> bool:
-        """True when other processes used more than BUSY of the CPUs just before this cell."""
+        """True when other processes used more than BUSY of the CPUs during this cell."""
         return self.background is not None and self.background > BUSY
 
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
+import functools
 import json
-import shlex
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import loadgen
@@ -25,8 +23,9 @@ import models
 import payloads
 import report
 import servers
+import summary
 import targets
-from mservectl import Mserve, MserveError, cli_startup, log_problems
+from mservectl import Mserve, MserveError, cli_startup
 from report import Row
 
 WORK = Path(__file__).parent / ".work"
@@ -46,10 +45,21 @@ class Plan:
     duration: float
     warmup: float
     full: bool
+    wait_quiet: float = 30.0
+    retries: int = 2
 
     def cells(self, model: str) -> list[int]:
         """The concurrencies to run for ``model``."""
         return [c for c in MATRIX[model] if c in self.concs]
+
+
+@dataclass
+class Endpoint:
+    """A contender's base URL and server process id, or why it cannot be measured."""
+
+    url: str = ""
+    pid: int | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -61,7 +71,8 @@ class Ctx:
     venv: servers.BenchVenv
     paths: dict[str, Path]
     bodies: dict[tuple[str, str], payloads.Body] = field(default_factory=dict)
-    mserve_urls: dict[str, str] = field(default_factory=dict)
+    mserve: dict[str, Endpoint] = field(default_factory=dict)
+    revision: str = ""  # the checkout's commit when the run started
 
 
 def parse_args(argv: list[str]) -> Plan:
@@ -73,6 +84,13 @@ def parse_args(argv: list[str]) -> Plan:
     parser.add_argument("--only", default="", help="comma-separated filters: models (tiny, mlp),"
                         " concurrencies (c1, c32, c64), contenders (" + ", ".join(CONTENDERS) +
                         "; mserve = both mserve rows)")
+    parser.add_argument("--wait-quiet", type=float, default=None, metavar="S",
+                        help="before each run, wait up to S s (default 30, --quick 0) for other "
+                        f"processes to go under {loadgen.BUSY * 100:.0f}%% CPU (runs on a busy machine "
+                        "are flagged)")
+    parser.add_argument("--retries", type=int, default=None, metavar="N",
+                        help="repeat a run made on a busy machine up to N times, keep the "
+                        "quietest (default 2, --quick 0)")
     parser.add_argument("--no-docs", action="store_true", help="never write docs/benchmarks.md")
     args = parser.parse_args(argv)
     tokens = {t.strip() for t in args.only.split(",") if t.strip()}
@@ -84,7 +102,14 @@ def parse_args(argv: list[str]) -> Plan:
     concs = {int(c[1:]) for c in _pick(["c1", "c32", "c64"], tokens)}
     duration, warmup = (2.0, 1.0) if args.quick else (args.duration, args.warmup)
     return Plan(_pick(list(MATRIX), tokens), concs, _pick(list(CONTENDERS), tokens), duration,
-                warmup, full=not (args.quick or tokens or args.no_docs))
+                warmup, full=not (args.quick or tokens or args.no_docs),
+                wait_quiet=_default(args.wait_quiet, 0 if args.quick else 30),
+                retries=_default(args.retries, 0 if args.quick else 2))
+
+
+def _default(value, fallback):
+    """``value``, or ``fallback`` when the option was not given."""
+    return fallback if value is None else value
 
 
 def _pick(options: list[str], tokens: set[str]) -> list[str]:
@@ -103,17 +128,38 @@ def prepare_bodies(ctx: Ctx) -> dict[str, object]:
     return expected
 
 
-def measure(ctx: Ctx, row: Row, url: str, body: payloads.Body, expected) -> Row:
-    """Check one answer, warm up, then the measured wrk run, into ``row``."""
+def quietest(ctx: Ctx, pids: list[int], attempt, warmup=None):
+    """Run ``attempt()`` (after ``warmup()``, unwatched) until other processes stay under
+    loadgen.BUSY of the CPUs meanwhile, at most 1 + --retries times; (result, their CPU
+    share) of the quietest attempt."""
+    best = None
+    for _ in range(1 + ctx.plan.retries):
+        loadgen.wait_quiet(ctx.plan.wait_quiet)
+        if warmup:
+            warmup()
+        with loadgen.CpuWatch(pids) as watch:
+            result = attempt()
+        if best is None or watch.foreign < best[1]:
+            best = (result, watch.foreign)
+        if watch.foreign <= loadgen.BUSY:
+            break
+    return best
+
+
+def measure(ctx: Ctx, row: Row, target: Endpoint, body: payloads.Body, expected) -> Row:
+    """Check one answer, then warm-up + measured wrk runs (the quietest kept) into ``row``."""
+    url = f"{target.url}/v2/models/{row.model}/infer"
     wrong = payloads.check_answer(url, body, expected)
-    row.background = loadgen.background_load()
     if wrong:
         row.note = f"⚠ not run: {wrong}"
         return row
+
+    def wrk(seconds: float) -> loadgen.WrkResult:
+        return loadgen.run_wrk(ctx.wrk, url, body, row.conc, seconds)
     try:
-        if ctx.plan.warmup > 0:
-            loadgen.run_wrk(ctx.wrk, url, body, row.conc, ctx.plan.warmup)
-        result = loadgen.run_wrk(ctx.wrk, url, body, row.conc, ctx.plan.duration)
+        result, row.background = quietest(
+            ctx, [target.pid] if target.pid else [], lambda: wrk(ctx.plan.duration),
+            (lambda: wrk(ctx.plan.warmup)) if ctx.plan.warmup > 0 else None)
     except (loadgen.LoadgenError, subprocess.TimeoutExpired) as exc:
         row.note = f"⚠ wrk failed: {exc}"
         return row
@@ -121,7 +167,7 @@ def measure(ctx: Ctx, row: Row, url: str, body: payloads.Body, expected) -> Row:
     row.errors, row.error_text = result.errors, result.error_text()
     print(f"  {row.model:5} c={row.conc:<3} {row.contender:12} {result.rps:9.0f} req/s  "
           f"p50 {report.fmt_ms(row.p50_ms):>9}  p99 {report.fmt_ms(row.p99_ms):>9}  "
-          f"errors {row.error_text}", flush=True)
+          f"errors {row.error_text}  other CPU {row.background:.0%}", flush=True)
     return row
 
 
@@ -133,52 +179,53 @@ def inprocess_rows(ctx: Ctx, model: str) -> list[Row]:
         if conc > 1:
             row.note = "n/a (single-thread loop, see c=1)"
         else:
+            args = (ctx.paths[model], models.SPECS[model].features, ctx.plan.duration,
+                    ctx.plan.warmup)
             try:
-                row.background = loadgen.background_load()
-                got = servers.run_inprocess(ctx.paths[model], models.SPECS[model].features,
-                                            ctx.plan.duration, ctx.plan.warmup)
+                got, row.background = quietest(ctx, [], functools.partial(servers.run_inprocess, *args))
                 row.rps, row.p50_ms, row.p99_ms = got["rps"], got["p50_ms"], got["p99_ms"]
-                print(f"  {model:5} c=1   inproc       {row.rps:9.0f} calls/s", flush=True)
+                print(f"  {model:5} c=1   inproc       {row.rps:9.0f} calls/s  "
+                      f"other CPU {row.background:.0%}", flush=True)
             except servers.ServerError as exc:
                 row.note = f"⚠ {exc}"
         rows.append(row)
     return rows
 
 
-def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack) -> dict[str, str]:
-    """Start the FastAPI and KServe servers for ``model``; base URL, or '!reason' on failure."""
-    urls = {}
+def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack) -> dict[str, Endpoint]:
+    """Start the FastAPI and KServe servers for ``model``; every HTTP contender's endpoint."""
+    found = {}
     for contender, (script, ready) in SERVERS.items():
         if contender not in ctx.plan.contenders:
             continue
         if contender == "kserve" and ctx.venv.kserve_error:
-            urls[contender] = "!" + ctx.venv.kserve_error
+            found[contender] = Endpoint(error=ctx.venv.kserve_error)
             continue
         server = servers.Server(script, ctx.paths[model], model, ready, WORK / "logs")
         try:
-            urls[contender] = stack.enter_context(server).url
+            stack.enter_context(server)
+            found[contender] = Endpoint(server.url, server.proc.pid)
         except servers.ServerError as exc:
-            urls[contender] = f"!{contender} did not start: {exc}"
-    if "mserve-json" in ctx.plan.contenders or "mserve-bin" in ctx.plan.contenders:
-        urls["mserve-json"] = urls["mserve-bin"] = ctx.mserve_urls.get(model, "!not deployed")
-    return urls
+            found[contender] = Endpoint(error=f"{contender} did not start: {exc}")
+    deployed = ctx.mserve.get(model, Endpoint(error="mserve deployment missing"))
+    found["mserve-json"] = found["mserve-bin"] = deployed
+    return found
 
 
 def bench_model(ctx: Ctx, model: str, expected) -> list[Row]:
     """Every cell of ``model``: per concurrency, the contenders back to back."""
     rows = inprocess_rows(ctx, model) if "inproc" in ctx.plan.contenders else []
     with contextlib.ExitStack() as stack:
-        urls = start_servers(ctx, model, stack)
+        endpoints = start_servers(ctx, model, stack)
         for conc in ctx.plan.cells(model):
             for contender in [c for c in ctx.plan.contenders if c != "inproc"]:
-                row, base = Row(model, conc, contender), urls[contender]
-                if base.startswith("!"):
-                    row.note = "⚠ not run: " + base[1:]
+                row, target = Row(model, conc, contender), endpoints[contender]
+                if target.error:
+                    row.note = f"⚠ not run: {target.error}"
                     rows.append(row)
                     continue
                 kind = "bin" if contender == "mserve-bin" else "json"
-                url = f"{base}/v2/models/{model}/infer"
-                rows.append(measure(ctx, row, url, ctx.bodies[model, kind], expected[model]))
+                rows.append(measure(ctx, row, target, ctx.bodies[model, kind], expected[model]))
     order = {c: i for i, c in enumerate(CONTENDERS)}
     return sorted(rows, key=lambda r: (r.conc, order[r.contender]))
 
@@ -188,10 +235,11 @@ def deploy_all(ctx: Ctx, mserve: Mserve, extras: targets.Extras) -> dict[str, fl
     times = {}
     for model in sorted(ctx.plan.models, key=lambda m: m != "tiny"):
         result, seconds = mserve.deploy(ctx.paths[model], model)
-        ctx.mserve_urls[model] = result["deployment"]["url"]
-        servers.wait_ready(ctx.mserve_urls[model] + "/v2/health/ready", None, 30, WORK)
+        url = result["deployment"]["url"]
+        servers.wait_ready(url + "/v2/health/ready", None, 30, WORK)
+        ctx.mserve[model] = Endpoint(url, mserve.deployment(model)["pid"])
         times[model] = seconds
-        print(f"  mserve deploy {model}: {seconds:.2f} s -> {ctx.mserve_urls[model]}", flush=True)
+        print(f"  mserve deploy {model}: {seconds:.2f} s -> {url}", flush=True)
     extras.deploy_s = times.get("tiny")
     return times
 
@@ -199,10 +247,12 @@ def deploy_all(ctx: Ctx, mserve: Mserve, extras: targets.Extras) -> dict[str, fl
 def control_plane(ctx: Ctx, mserve: Mserve, extras: targets.Extras) -> dict:
     """After the load runs: worker RSS, CLI start-up, then the rollback timing."""
     extras.rss_mb = {m: mserve.rss_mb(m) for m in ctx.plan.models}
-    startup = cli_startup(mserve)
-    extras.list_s, extras.typer_s = startup["list"], startup["typer"]
-    info = {"cli": startup}
+    info: dict = {"restarts": {m: mserve.deployment(m)["restarts"] for m in ctx.plan.models}}
+    loadgen.wait_quiet(ctx.plan.wait_quiet)
+    info["cli"] = cli_startup(mserve)
+    extras.list_s, extras.typer_s = info["cli"]["list"], info["cli"]["typer"]
     if "tiny" in ctx.plan.models:
+        loadgen.wait_quiet(ctx.plan.wait_quiet)
         deployed, info["deploy_v2_s"] = mserve.deploy(ctx.paths["tiny_v2"], "tiny")
         result, extras.rollback_s = mserve.rollback("tiny")
         info["rollback"] = f"v{deployed['version']} -> v{result['version']}"
@@ -215,6 +265,7 @@ def run_mserve_side(ctx: Ctx, extras: targets.Extras, expected) -> tuple[list[Ro
     info: dict = {}
     try:
         if mserve:
+            loadgen.wait_quiet(ctx.plan.wait_quiet)
             info["deploy_s"] = deploy_all(ctx, mserve, extras)
         rows = [row for model in ctx.plan.models for row in bench_model(ctx, model, expected)]
         if mserve:
@@ -225,101 +276,17 @@ def run_mserve_side(ctx: Ctx, extras: targets.Extras, expected) -> tuple[list[Ro
     return rows, info
 
 
-def software(venv: servers.BenchVenv, wrk: str) -> str:
-    """Versions of everything measured."""
-    bench = servers.versions(venv.python)
-    ort = next((f"{d} {metadata.version(d)}" for d in ("onnxruntime-gpu", "onnxruntime")
-                if _installed(d)), "none")
-    wrk_v = subprocess.run([wrk, "-v"], check=False, capture_output=True, text=True).stdout.split()[1]
-    return (f"Python {sys.version.split()[0]}; mserve {metadata.version('mserve')} "
-            f"({_revision()}) with {ort} "
-            f"(CPU provider), numpy {metadata.version('numpy')}; bench/.venv: " +
-            ", ".join(f"{k} {v}" for k, v in bench.items()) + f"; wrk {wrk_v}")
-
-
-def _revision() -> str:
-    """The checkout's commit, noting uncommitted changes to mserve's own code."""
-    git = ["git", "-C", str(Path(__file__).parent.parent)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=False,
-                          capture_output=True, text=True).stdout.strip() or "unknown commit"
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "cli", "daemon",
-                            "pyproject.toml"], check=False, capture_output=True, text=True)
-    return f"commit {head}" + (" + uncommitted changes" if dirty.stdout.strip() else "")
-
-
-def _installed(dist: str) -> bool:
-    try:
-        metadata.version(dist)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-def render(ctx: Ctx, rows: list[Row], info: dict, extras: targets.Extras, took: float) -> str:
-    """The whole report, in Markdown."""
-    verdicts = targets.judge(rows, extras)
-    command = shlex.join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
-    today = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    parts = [
-        "## Results", "",
-        (f"- Date: {today}; command: `{command}` ({ctx.plan.warmup:g} s warm-up + "
-         f"{ctx.plan.duration:g} s measured per cell; the whole run took {took / 60:.1f} min)"),
-        f"- Machine: {report.machine()}; wrk and the server under test share these cores",
-        f"- Software: {software(ctx.venv, ctx.wrk)}",
-        "", "### Throughput and latency (one [1, F] FP32 row per request)", "",
-        report.table(rows), "", *notes(ctx, rows), "", "### Targets", "",
-        targets.verdict_table(verdicts), "", "### mserve control plane", "",
-        *control_lines(info, extras)]
-    return "\n".join(parts)
-
-
-def notes(ctx: Ctx, rows: list[Row]) -> list[str]:
-    """The caveats printed under the table."""
-    lines = [("- `× base`: ratio to the FastAPI row of the same model and c (req/s: higher is "
-              "better; latency: lower is better). **⚠** marks errors (non-2xx responses or "
-              "socket errors counted by wrk) or a contender that could not run."),
-             "- in-process: `session.run` in a loop in one thread, no HTTP; req/s = calls/s.",
-             "- wrk: 1 thread at c=1, 2 threads at c≥32; `--timeout 10s`."]
-    loads = [r.background for r in rows if r.background is not None]
-    if loads:
-        lines.append(f"- Other processes' CPU use, sampled for 0.5 s before each cell: max "
-                     f"{max(loads):.0%} (**⚠ busy machine** above {report.BUSY:.0%}).")
-    if ctx.venv.kserve_error:
-        lines.append(f"- KServe not measured: {ctx.venv.kserve_error}")
-    return lines
-
-
-def control_lines(info: dict, extras: targets.Extras) -> list[str]:
-    """The deploy / rollback / CLI / RSS figures as bullet lines."""
-    if not info:
-        return ["mserve was not run."]
-    deploys = ", ".join(f"{m} {s:.2f} s" for m, s in info["deploy_s"].items())
-    lines = [f"- `mserve deploy` to ready (first one starts the daemon): {deploys}"]
-    if extras.rollback_s is not None:
-        lines.append(f"- `mserve rollback tiny` ({info['rollback']}, after deploying a second "
-                     f"version in {info['deploy_v2_s']:.2f} s): {extras.rollback_s:.3f} s")
-    cli = info["cli"]
-    lines.append(f"- `mserve list --json`: {cli['list'] * 1e3:.0f} ms vs `python -c \"import "
-                 f"typer\"` {cli['typer'] * 1e3:.0f} ms = {cli['ratio']:.2f}× (medians of "
-                 f"{cli['runs']} alternated runs)")
-    rss = ", ".join(f"{m} {mb:.0f} MB" for m, mb in (extras.rss_mb or {}).items())
-    lines.append(f"- Worker RSS (VmRSS) after the load runs: {rss}")
-    problems = log_problems(WORK / "logs" / "mserve")
-    lines += [f"- **⚠ mserve log `{name}`** (the run included `mserve daemon stop`): `{line}`"
-              for name, line in problems.items()]
-    return lines
-
-
 def main(argv: list[str]) -> int:
     """Run the plan, print the report, write docs/benchmarks.md for a full run."""
     started = time.perf_counter()
     plan = parse_args(argv)
     WORK.mkdir(exist_ok=True)
     wrk = loadgen.ensure_wrk()
-    ctx = Ctx(plan, wrk, servers.ensure_venv(), models.build_all(WORK, plan.models))
+    ctx = Ctx(plan, wrk, servers.ensure_venv(), models.build_all(WORK, plan.models),
+              revision=summary.revision())
     expected, extras = prepare_bodies(ctx), targets.Extras()
     load = loadgen.background_load(1.0)
-    if load > report.BUSY:
+    if load > loadgen.BUSY:
         print(f"warning: other processes use {load:.0%} of the CPUs: figures will be "
               "distorted (busy cells are flagged)", flush=True)
     print(f"models {plan.models}, c {sorted(plan.concs)}, contenders {plan.contenders}, "
@@ -329,7 +296,7 @@ def main(argv: list[str]) -> int:
     except MserveError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    text = render(ctx, rows, info, extras, time.perf_counter() - started)
+    text = summary.render(ctx, rows, info, extras, time.perf_counter() - started)
     (WORK / "results.json").write_text(json.dumps(
         {"rows": [asdict(r) for r in rows], "extras": asdict(extras), "info": info}, indent=1))
     print("\n" + text)
