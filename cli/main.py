@@ -10,9 +10,6 @@ from typing import Annotated
 
 import typer
 
-from mserve.cli.commands import (daemon, deploy, history, listing, logs, predict, rollback,
-                                 rollout, status, undeploy, versions)
-from mserve.cli.commands import export, serve
 from mserve.daemon.errors import MserveError
 
 HELP = """Serve ONNX models on this machine over the Open Inference Protocol.
@@ -24,25 +21,51 @@ Deploy a model and it answers on its own port, for Triton and KServe clients:
   mserve list
 """
 
-app = typer.Typer(name="mserve", help=HELP, no_args_is_help=True, add_completion=True,
-                  pretty_exceptions_enable=False, rich_markup_mode="rich",
-                  context_settings={"help_option_names": ["-h", "--help"]})
-app.command("deploy", rich_help_panel="Deployments")(deploy.deploy)
-app.command("list", rich_help_panel="Deployments")(listing.list_)
-app.command("versions", rich_help_panel="Deployments")(versions.versions)
-app.command("rollback", rich_help_panel="Deployments")(rollback.rollback)
-app.command("undeploy", rich_help_panel="Deployments")(undeploy.undeploy)
-app.command("traffic", rich_help_panel="Rollouts")(rollout.traffic)
-app.command("promote", rich_help_panel="Rollouts")(rollout.promote)
-app.command("label", rich_help_panel="Rollouts")(rollout.label)
-app.command("prune", rich_help_panel="Rollouts")(rollout.prune)
-app.command("status", rich_help_panel="Observe")(status.status)
-app.command("history", rich_help_panel="Observe")(history.history)
-app.command("logs", rich_help_panel="Observe")(logs.logs)
-app.command("predict", rich_help_panel="Inference")(predict.predict)
-app.add_typer(daemon.app, name="daemon", rich_help_panel="Daemon")
-app.command("serve", rich_help_panel="Scaling out")(serve.serve)
-app.add_typer(export.app, name="export", rich_help_panel="Scaling out")
+# name -> (module in mserve.cli.commands, attribute, help panel); a Typer sub-app when the
+# attribute is "app". Only the command being run is imported and built (see ``build``).
+COMMANDS = {
+    "deploy": ("deploy", "deploy", "Deployments"),
+    "list": ("listing", "list_", "Deployments"),
+    "versions": ("versions", "versions", "Deployments"),
+    "rollback": ("rollback", "rollback", "Deployments"),
+    "undeploy": ("undeploy", "undeploy", "Deployments"),
+    "traffic": ("rollout", "traffic", "Rollouts"),
+    "promote": ("rollout", "promote", "Rollouts"),
+    "label": ("rollout", "label", "Rollouts"),
+    "prune": ("rollout", "prune", "Rollouts"),
+    "status": ("status", "status", "Observe"),
+    "history": ("history", "history", "Observe"),
+    "logs": ("logs", "logs", "Observe"),
+    "predict": ("predict", "predict", "Inference"),
+    "daemon": ("daemon", "app", "Daemon"),
+    "serve": ("serve", "serve", "Scaling out"),
+    "export": ("export", "app", "Scaling out"),
+}
+
+
+def build(only: str | None = None) -> typer.Typer:
+    """The Typer app with every command, or with just ``only``: Typer inspects every
+    command it is given, which is most of a short command's run time."""
+    from importlib import import_module
+
+    app = typer.Typer(name="mserve", help=HELP, no_args_is_help=True, add_completion=True,
+                      pretty_exceptions_enable=False, rich_markup_mode="rich",
+                      context_settings={"help_option_names": ["-h", "--help"]})
+    for name, (module, attr, panel) in COMMANDS.items():
+        if only is None or name == only:
+            target = getattr(import_module(f"mserve.cli.commands.{module}"), attr)
+            if attr == "app":
+                app.add_typer(target, name=name, rich_help_panel=panel)
+            else:
+                app.command(name, rich_help_panel=panel)(target)
+    app.callback()(main)
+    return app
+
+
+def __getattr__(name: str):
+    if name == "app":  # the whole app, for tests and completions
+        return build()
+    raise AttributeError(name)
 
 
 def _version(value: bool) -> None:
@@ -53,7 +76,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def main(
     version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
@@ -63,8 +85,9 @@ def main(
 
 def run() -> None:
     """Console entry point: user errors become one 'Error:' line and exit 1."""
+    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else None
     try:
-        app()
+        build(command)()
     except MserveError as exc:
         sys.stderr.write(f"Error: {exc.message}\n")
         if exc.hint:

@@ -7,10 +7,8 @@ used, with the socket in the user runtime folder when there is a usable one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +75,9 @@ def _short_socket(home: Path, wanted: Path) -> Path:
     after the home (so each home still has its own socket)."""
     if len(os.fsencode(wanted)) <= MAX_SOCKET_PATH:
         return wanted
+    import hashlib
+    import tempfile
+
     digest = hashlib.sha256(os.fsencode(home)).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"mserve-{os.getuid()}-{digest}" / SOCKET_NAME
 
