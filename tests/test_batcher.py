@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,15 +18,18 @@ from mserve.daemon.worker.metrics import Metrics
 class FakeModel:
     """Doubles its input; rows equal to -1 are 'bad' and make the whole run fail."""
 
-    def __init__(self, batchable=True, gate: asyncio.Event | None = None):
+    def __init__(self, batchable=True, sleep_s=0.0):
         self.sessions = [object()]
         self.batchable = batchable
         self.runs: list[int] = []
-        self.gate = gate
+        self.threads: set[str] = set()
+        self.sleep_s = sleep_s
 
     def run(self, feeds, names, session=None):
         x = feeds["x"]
         self.runs.append(len(x))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.sleep_s)
         if (x == -1).any():
             raise BadRequest("bad row")
         return [x * 2]
@@ -104,4 +109,13 @@ def test_close_finishes_what_is_queued(delay):
         batcher.close()
         results = await task
         assert all(not isinstance(r, BaseException) for r in results)
+    run(main())
+
+
+
+def test_model_runs_never_block_the_event_loop():
+    async def main():
+        model = FakeModel(sleep_s=0.001)
+        await burst(make(model), [np.ones((1, 2), np.float32)] * 5)
+        assert "MainThread" not in model.threads
     run(main())

@@ -5,7 +5,9 @@ it (same requested outputs, same dtypes and non-batch dims) up to ``max_batch_si
 concatenates them along dim 0, makes one ``session.run`` in a thread, and splits the outputs
 back. While a batch runs, the next one forms, so under load batches grow by themselves and a
 lone client never waits (``batch_delay_ms`` defaults to 0). A batch that fails is retried
-request by request, so one bad request fails alone. Versions never mix: each has its own
+request by request, so one bad request fails alone. Runs always happen in a thread (ONNX
+Runtime releases the GIL): a model's run time can depend on its input (a Loop, a long
+sequence), so even a usually-quick model could otherwise stall the event loop. Versions never mix: each has its own
 batcher. Past ``max_queue`` waiting requests the worker answers 503 at once.
 """
 

@@ -39,13 +39,15 @@ class RequestLog:
         self._file = open(path, "ab", buffering=1 << 16) if path else None
         self._size = os.path.getsize(path) if path else 0
         self._count = 0
+        self._pid = f"{os.getpid():x}"
+        self._second, self._stamp = -1, ""
 
     def write(self, call: Call, latency_s: float) -> None:
         if self._file is None:
             return
         self._count += 1
         line = orjson.dumps({
-            "time": _now(), "id": call.request_id or f"{os.getpid():x}-{self._count:x}",
+            "time": self._now(), "id": call.request_id or f"{self._pid}-{self._count:x}",
             "version": call.version, "status": call.status,
             "latency_ms": round(latency_s * 1000, 3), "queue_ms": call.queue_ms,
             "batch": call.batch, "bytes_in": call.bytes_in, "bytes_out": call.bytes_out,
@@ -55,6 +57,15 @@ class RequestLog:
         self._size += len(line)
         if self._size > self.max_bytes:
             self._rotate()
+
+    def _now(self) -> str:
+        """UTC time with milliseconds; the formatted second is cached (this runs per request)."""
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((t - second) * 1000):03d}Z"
 
     def flush(self) -> None:
         if self._file is not None:
@@ -69,7 +80,3 @@ class RequestLog:
         self._file = open(self.path, "ab", buffering=1 << 16)
         self._size = 0
 
-
-def _now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
