@@ -35,7 +35,7 @@ from mserve.daemon.supervisor import READY, Supervisor
 log = logging.getLogger("mserve.daemon")
 DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
                    "max_queue": None, "instances": 1, "max_body_mb": 64,
-                   "sticky_header": None, "keep": 5}
+                   "sticky_header": None, "keep": 5, "log_payloads": False}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
 # The deploy in progress reports its phases here (one per task, so parallel deploys of
 # different names do not mix their reports).

@@ -133,3 +133,25 @@ def test_deploy_progress_is_streamed_in_phases(shared, model_dir):
         client.stream("POST", "/v1/deployments", {"path": "/nope.onnx", "name": "progress"},
                       steps.append)
     shared.ok("undeploy", "progress")
+
+
+def test_log_payloads_writes_bodies_only_when_asked(shared, model_dir):
+    path = models.affine(model_dir / "payloads.onnx", scale=7.0)
+    url = shared.json("deploy", path, "--name", "payloads", "--log-payloads")[
+        "deployment"]["url"]
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [271828] * 4}]}
+    assert httpx.post(url + "/v2/models/payloads/infer", json=body).status_code == 200
+
+    def entries():
+        result = shared.run("logs", "payloads", "--json")
+        return result.returncode == 0 and json.loads(result.stdout)
+
+    entry = wait_for(lambda: (e := entries()) and e[-1], what="request log")
+    assert "271828" in entry["request"]["text"] and entry["request"]["bytes"] > 0
+    assert "1902796" in entry["response"]["text"]  # 271828 * 7
+    shared.json("deploy", models.affine(model_dir / "payloads2.onnx", scale=8.0),
+                "--name", "payloads", "--no-log-payloads")
+    assert httpx.post(url + "/v2/models/payloads/infer", json=body).status_code == 200
+    last = wait_for(lambda: (e := entries()) and len(e) == 2 and e[-1], what="second line")
+    assert "request" not in last and "response" not in last
+    shared.ok("undeploy", "payloads")

@@ -66,6 +66,9 @@ def deploy(
         help="Serve HTTPS with this PEM certificate (first deploy only).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(
         help="The PEM private key of --tls-cert.")] = None,
+    log_payloads: Annotated[Optional[bool], typer.Option(
+        "--log-payloads/--no-log-payloads",
+        help="Write request and response bodies into the request log (off by default).")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="No progress display (it only shows on a terminal).")] = False,
     json_out: JsonOption = False,
@@ -86,7 +89,7 @@ def deploy(
                          "machine can use the model\n")
     request = {"path": str(path.expanduser().absolute()), "name": name, "port": port,
                "grpc_port": grpc_port, "canary": canary, "sticky_header": sticky_header,
-               "keep": keep,
+               "keep": keep, "log_payloads": log_payloads,
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,

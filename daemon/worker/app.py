@@ -68,7 +68,7 @@ class Serving:
         self.metrics = Metrics(name)
         self.stats: dict[int, VersionStats] = {}
         self.recent = Recent()
-        self.log = RequestLog(options.get("request_log"))
+        self.log = RequestLog(options.get("request_log"), payloads=bool(options.get("log_payloads")))
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
 
     # ---- versions (changed by the daemon through the control channel) -----------------
@@ -292,8 +292,12 @@ class WorkerApp:
         with self.s.recorded(call):
             body = await _read_body(scope, receive, self.s.max_body)
             call.bytes_in = len(body)
+            if self.s.log.payloads:
+                call.payload_in = body
             out, headers = await handler(model, body, scope, call)
             call.status, call.bytes_out = 200, len(out)
+            if self.s.log.payloads:
+                call.payload_out = out
         headers.append((b"x-model-version", str(model.number).encode()))
         return 200, out, headers
 

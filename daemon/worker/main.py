@@ -165,6 +165,7 @@ class Control:
         if op == "load":
             opts = {**self.config["options"], **msg.get("options", {})}
             self.serving.options = opts
+            self.serving.log.payloads = bool(opts.get("log_payloads"))
             model = await asyncio.to_thread(
                 runtime.load, msg["number"], msg["path"], opts.get("device", "auto"),
                 opts.get("instances", 1), opts.get("threads", 0))

@@ -2,11 +2,13 @@
 
 Fields: time, id (X-Request-ID, else the body's id, else a generated one), version, status,
 latency_ms, queue_ms, batch (requests in its model run), bytes_in, bytes_out, client. Tensor
-contents are never written. Lines are buffered and flushed at least once a second.
+contents are never written unless the deployment was deployed with ``--log-payloads``.
+Lines are buffered and flushed at least once a second.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import orjson
 
 MAX_BYTES = 16 * 2**20
 BACKUPS = 3
+PAYLOAD_MAX = 64 * 1024
 
 
 @dataclass
@@ -31,11 +34,15 @@ class Call:
     queue_ms: float | None = None
     batch: int | None = None
     error: str | None = None
+    payload_in: bytes | None = None  # kept only with --log-payloads
+    payload_out: bytes | None = None
 
 
 class RequestLog:
-    def __init__(self, path: str | None, max_bytes: int = MAX_BYTES, backups: int = BACKUPS):
+    def __init__(self, path: str | None, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
+                 payloads: bool = False):
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.payloads = payloads
         self._file = open(path, "ab", buffering=1 << 16) if path else None
         self._size = os.path.getsize(path) if path else 0
         self._count = 0
@@ -52,6 +59,7 @@ class RequestLog:
             "latency_ms": round(latency_s * 1000, 3), "queue_ms": call.queue_ms,
             "batch": call.batch, "bytes_in": call.bytes_in, "bytes_out": call.bytes_out,
             "client": call.client, **({"error": call.error} if call.error else {}),
+            **(_payloads(call) if self.payloads else {}),
         }) + b"\n"
         self._file.write(line)
         self._size += len(line)
@@ -80,3 +88,20 @@ class RequestLog:
         self._file = open(self.path, "ab", buffering=1 << 16)
         self._size = 0
 
+
+
+def _payloads(call: Call) -> dict:
+    """Request and response bodies (with --log-payloads): text when they are UTF-8 JSON,
+    else base64; each cut at PAYLOAD_MAX bytes."""
+    return {key: _text(body) for key, body in (("request", call.payload_in),
+                                               ("response", call.payload_out)) if body}
+
+
+def _text(body: bytes) -> dict:
+    cut = body[:PAYLOAD_MAX]
+    try:
+        value = {"text": cut.decode("utf-8")}
+    except UnicodeDecodeError:
+        value = {"base64": base64.b64encode(cut).decode()}
+    return {**value, "bytes": len(body), **({"truncated": True} if len(body) > PAYLOAD_MAX
+                                             else {})}
