@@ -189,6 +189,10 @@ class DaemonClient:
         return self.call("POST", f"/v1/deployments/{quote(name, safe='')}/labels",
                          {"label": label, "version": version})
 
+    def copy_artifact(self, name: str, number: int, to: str) -> dict:
+        return self.call("POST", f"/v1/deployments/{quote(name, safe='')}/versions/{number}"
+                         "/copy", {"to": to})
+
     def prune(self) -> dict:
         return self.call("POST", "/v1/prune", {})
 

@@ -99,6 +99,13 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         return JSONResponse(await rollouts.label(request.path_params["name"], body["label"],
                                                  number))
 
+    async def copy_artifact(request: Request):
+        body = await _body(request)
+        if not isinstance(body.get("to"), str):
+            raise BadRequest("'to' must be a folder path")
+        name, number = request.path_params["name"], request.path_params["number"]
+        return JSONResponse(await deployments.copy_artifact(name, number, body["to"]))
+
     async def prune(request: Request):
         return JSONResponse(rollouts.prune())
 
@@ -130,6 +137,8 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         Route("/v1/deployments/{name}/traffic", traffic, methods=["GET", "POST"]),
         Route("/v1/deployments/{name}/promote", promote, methods=["POST"]),
         Route("/v1/deployments/{name}/labels", label, methods=["POST"]),
+        Route("/v1/deployments/{name}/versions/{number:int}/copy", copy_artifact,
+              methods=["POST"]),
         Route("/v1/prune", prune, methods=["POST"]),
         Route("/v1/events", events),
         Route("/v1/shutdown", shutdown, methods=["POST"]),

@@ -127,6 +127,21 @@ class Deployments:
         async with self._locks[name]:
             return await self._deploy(name, source, req)
 
+    async def copy_artifact(self, name: str, number: int, target: str) -> dict:
+        """Copy a version's stored files into the folder ``target`` (for ``export``)."""
+        v = self.state.version(self.get(name)["name"], number)
+        if v is None or v["state"] == st.PRUNED or not self.store.has(v["sha256"]):
+            raise NotFound(f"version {number} of '{name}' is not in the model store")
+        destination = Path(target)
+        if not destination.is_absolute():
+            raise BadRequest("'to' must be an absolute path")
+        try:
+            await asyncio.to_thread(shutil.copytree, self.store.root / v["sha256"],
+                                    destination, dirs_exist_ok=True)
+        except OSError as exc:
+            raise BadRequest(f"cannot write '{destination}': {exc.strerror or exc}") from None
+        return {"name": name, "version": number, "to": str(destination)}
+
     def version_rows(self, name: str, loaded: set[int]) -> list[dict]:
         """``versions`` with whether each is loaded in the worker and on disk."""
         return [{**_version_view(v), "loaded": v["number"] in loaded,
@@ -504,7 +519,8 @@ def _version_view(v: dict) -> dict:
     return {"version": v["number"], "number": v["number"], "sha256": v["sha256"],
             "size": v["size"],
             "created": v["created"], "source": v["source"], "state": v["state"],
-            "device": meta.get("device"), "error": v.get("error")}
+            "device": meta.get("device"), "batchable": meta.get("batchable"),
+            "error": v.get("error")}
 
 
 def _last_line(err: bytes) -> str:

@@ -14,7 +14,6 @@ from typing import Annotated, Optional
 import typer
 
 from mserve.cli import autostart
-from mserve.daemon import paths as paths_mod
 from mserve.daemon.errors import BadRequest, MserveError, NotFound
 
 app = typer.Typer(help="Write what another platform needs to run a deployment.",
@@ -78,7 +77,7 @@ def kserve(
     docs = ks.manifests(d, version, target, (d.get("live") or {}).get("rss_bytes"))
     notes = ks.notes(d, target)
     if artifact is not None:
-        lay_out(artifact, d, version, target)
+        lay_out(client, artifact, d, version, target)
         notes.append(f"Wrote the model to {artifact}/: upload its contents to "
                      f"{target.storage_uri}")
     text = _json(docs) if json_out else _yaml(docs, d, version, target)
@@ -87,37 +86,23 @@ def kserve(
         print(line, file=sys.stderr if output == "-" else sys.stdout)
 
 
-def lay_out(folder: Path, d: dict, version: dict, target) -> None:
-    """Copy the version's stored files into ``folder`` in the storage initializer's layout."""
-    import shutil
-
+def lay_out(client, folder: Path, d: dict, version: dict, target) -> None:
+    """Have the daemon copy the version's stored files into ``folder`` in the storage
+    initializer's layout (the CLI never reads the store itself)."""
     from mserve.cli import kserve as ks
 
-    source = paths_mod.resolve().models / version["sha256"]
-    if not (source / "model.onnx").is_file():
-        raise MserveError(f"version {version['version']} of '{d['name']}' is no longer in "
-                          f"the model store ({source})")
+    folder = folder.expanduser().absolute()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise BadRequest(f"'{folder}' exists and is not an empty folder; "
                          "choose a new one for --artifact")
     model_dir, config = ks.artifact_layout(target, d["name"])
-    try:
-        shutil.copytree(source, folder / model_dir, dirs_exist_ok=True)
-        if config:
-            text = ks.triton_config(d["name"], d.get("options") or {},
-                                    _batchable(source / "model.onnx"))
+    client.copy_artifact(d["name"], version["version"], str(folder / model_dir))
+    if config:
+        text = ks.triton_config(d["name"], d.get("options") or {}, bool(version["batchable"]))
+        try:
             (folder / config).write_text(text)
-    except OSError as exc:
-        raise MserveError(f"cannot write '{folder}': {exc.strerror or exc}") from None
-
-
-def _batchable(model: Path) -> bool:
-    """Whether every input has a dynamic first dimension (Triton's batch dimension)."""
-    import onnxruntime as ort
-
-    ort.set_default_logger_severity(3)
-    inputs = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs()
-    return bool(inputs) and all(i.shape and not isinstance(i.shape[0], int) for i in inputs)
+        except OSError as exc:
+            raise MserveError(f"cannot write '{folder}': {exc.strerror or exc}") from None
 
 
 def _yaml(docs: list[dict], d: dict, version: dict, target) -> str:
