@@ -30,7 +30,9 @@ from report import Row
 
 WORK = Path(__file__).parent / ".work"
 MATRIX = {"tiny": (1, 32), "mlp": (1, 32, 64)}
-CONTENDERS = ("inproc", "fastapi", "kserve", "mserve-json", "mserve-bin")
+HERE = Path(__file__).parent
+CONTENDERS = ("inproc", "fastapi", "kserve", "mserve-json", "mserve-bin", "mserve-grpc")
+GRPC_CELLS = {("mlp", 32)}  # the gRPC client is Python: measured where the issue asks
 SERVERS = {"fastapi": ("fastapi_server.py", "/v2/health/ready"),
            "kserve": ("kserve_server.py", "/v2/models/{name}/ready")}
 
@@ -60,6 +62,7 @@ class Endpoint:
     url: str = ""
     pid: int | None = None
     error: str | None = None
+    grpc: str | None = None  # host:port of mserve's gRPC service
 
 
 @dataclass
@@ -98,7 +101,7 @@ def parse_args(argv: list[str]) -> Plan:
     if tokens - known - {"mserve"}:
         parser.error(f"unknown --only filter(s): {', '.join(sorted(tokens - known - {'mserve'}))}")
     if "mserve" in tokens:
-        tokens |= {"mserve-json", "mserve-bin"}
+        tokens |= {"mserve-json", "mserve-bin", "mserve-grpc"}
     concs = {int(c[1:]) for c in _pick(["c1", "c32", "c64"], tokens)}
     duration, warmup = (2.0, 1.0) if args.quick else (args.duration, args.warmup)
     return Plan(_pick(list(MATRIX), tokens), concs, _pick(list(CONTENDERS), tokens), duration,
@@ -171,6 +174,33 @@ def measure(ctx: Ctx, row: Row, target: Endpoint, body: payloads.Body, expected)
     return row
 
 
+def measure_grpc(ctx: Ctx, row: Row, target: Endpoint) -> Row:
+    """mserve's gRPC service under bench/grpc_load.py (multi-process Python client)."""
+    if (row.model, row.conc) not in GRPC_CELLS:
+        row.note = "n/a (gRPC is measured at mlp c=32)"
+        return row
+    command = [sys.executable, str(HERE / "grpc_load.py"), target.grpc, row.model,
+               str(models.SPECS[row.model].features), str(row.conc)]
+
+    def attempt(seconds: float) -> dict:
+        out = subprocess.run(command + [str(seconds)], capture_output=True, text=True,
+                             timeout=seconds + 60, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    try:
+        got, row.background = quietest(ctx, [target.pid], lambda: attempt(ctx.plan.duration),
+                                       lambda: attempt(ctx.plan.warmup))
+    except (subprocess.SubprocessError, ValueError) as exc:
+        row.note = f"⚠ gRPC load failed: {exc}"
+        return row
+    row.rps, row.p50_ms, row.p99_ms = got["rps"], got["p50_ms"], got["p99_ms"]
+    row.errors = got["errors"]
+    row.error_text = str(got["errors"])
+    print(f"  {row.model:5} c={row.conc:<3} {row.contender:12} {row.rps:9.0f} req/s  "
+          f"p50 {report.fmt_ms(row.p50_ms):>9}  p99 {report.fmt_ms(row.p99_ms):>9}  "
+          f"errors {row.error_text}  other CPU {row.background:.0%}", flush=True)
+    return row
+
+
 def inprocess_rows(ctx: Ctx, model: str) -> list[Row]:
     """The in-process loop, measured once at c=1; marked n/a at higher concurrencies."""
     rows = []
@@ -208,7 +238,7 @@ def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack) -> dict[str
         except servers.ServerError as exc:
             found[contender] = Endpoint(error=f"{contender} did not start: {exc}")
     deployed = ctx.mserve.get(model, Endpoint(error="mserve deployment missing"))
-    found["mserve-json"] = found["mserve-bin"] = deployed
+    found["mserve-json"] = found["mserve-bin"] = found["mserve-grpc"] = deployed
     return found
 
 
@@ -224,6 +254,9 @@ def bench_model(ctx: Ctx, model: str, expected) -> list[Row]:
                     row.note = f"⚠ not run: {target.error}"
                     rows.append(row)
                     continue
+                if contender == "mserve-grpc":
+                    rows.append(measure_grpc(ctx, row, target))
+                    continue
                 kind = "bin" if contender == "mserve-bin" else "json"
                 rows.append(measure(ctx, row, target, ctx.bodies[model, kind], expected[model]))
     order = {c: i for i, c in enumerate(CONTENDERS)}
@@ -237,7 +270,8 @@ def deploy_all(ctx: Ctx, mserve: Mserve, extras: targets.Extras) -> dict[str, fl
         result, seconds = mserve.deploy(ctx.paths[model], model)
         url = result["deployment"]["url"]
         servers.wait_ready(url + "/v2/health/ready", None, 30, WORK)
-        ctx.mserve[model] = Endpoint(url, mserve.deployment(model)["pid"])
+        ctx.mserve[model] = Endpoint(url, mserve.deployment(model)["pid"],
+                                     grpc=result["deployment"].get("grpc_url"))
         times[model] = seconds
         print(f"  mserve deploy {model}: {seconds:.2f} s -> {url}", flush=True)
     extras.deploy_s = times.get("tiny")
