@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import json
 import logging
 import os
@@ -21,13 +20,14 @@ import sqlite3
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from mserve.daemon import faults
 from mserve.daemon import state as st
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
 from mserve.daemon.paths import Paths, check_name, ensure_private_dir
+from mserve.daemon.plan import (Plan, canary_percent, check_same_place, default_name,
+                                hash_token)
 from mserve.daemon.state import State
 from mserve.daemon.store import Store
 from mserve.daemon.supervisor import READY, Supervisor
@@ -121,7 +121,7 @@ class Deployments:
         source = Path(req.get("path") or "")
         if not source.is_absolute():
             raise BadRequest("path must be absolute")
-        name = req.get("name") or _default_name(source)
+        name = req.get("name") or default_name(source)
         if problem := check_name(name):
             raise BadRequest(problem)
         async with self._locks[name]:
@@ -151,7 +151,7 @@ class Deployments:
     async def _deploy(self, name: str, source: Path, req: dict) -> dict:
         existing = self.state.deployment(name)
         if existing:
-            _check_same_place(existing, req)
+            check_same_place(existing, req)
         report, loop = _progress.get(), asyncio.get_running_loop()
 
         def copied(done: int, total: int) -> None:
@@ -176,8 +176,8 @@ class Deployments:
                    "source": artifact.source}
         options = {**(existing or {}).get("options", DEFAULT_OPTIONS),
                    **{k: req[k] for k in OPTION_KEYS if req.get(k) is not None}}
-        token_hash = _hash_token(req.get("token")) or (existing or {}).get("token_hash")
-        canary = _canary(req, existing)
+        token_hash = hash_token(req.get("token")) or (existing or {}).get("token_hash")
+        canary = canary_percent(req, existing)
         try:
             if existing:
                 version["meta"] = await self._switch_to_new(existing, version, options,
@@ -449,65 +449,8 @@ class Deployments:
         raise MserveError("could not find a free port")
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What a worker serves: the active version, the split of unpinned traffic, labels, and
-    the standby version; everything it names stays loaded."""
-
-    active: int
-    traffic: dict[int, int] | None
-    labels: dict[str, int]
-    standby: int | None
-
-    @property
-    def keep(self) -> list[int]:
-        named = {self.standby, *(self.traffic or {}), *self.labels.values()}
-        return sorted(n for n in named if n is not None and n != self.active)
-
-    def route(self, d: dict) -> dict:
-        return {"traffic": {str(k): w for k, w in (self.traffic or {}).items()} or None,
-                "labels": self.labels, "sticky": d["options"].get("sticky_header")}
-
-
-def _canary(req: dict, existing: dict | None) -> int | None:
-    canary = req.get("canary")
-    if canary is None:
-        return None
-    if isinstance(canary, bool) or not isinstance(canary, int) or not 1 <= canary <= 99:
-        raise BadRequest("--canary must be a percentage from 1 to 99")
-    if existing is None:
-        raise BadRequest("--canary needs an existing deployment to share traffic with")
-    return canary
-
-
 def drain_timeout() -> float:
     return float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30"))
-
-
-def _check_same_place(existing: dict, req: dict) -> None:
-    name = existing["name"]
-    if req.get("tls_cert"):
-        raise Conflict(f"deployment '{name}' exists; TLS is set on its first deploy "
-                       "(undeploy it first to change it)")
-    grpc_port = existing["options"].get("grpc_port")
-    if req.get("grpc_port") and req["grpc_port"] != grpc_port:
-        raise Conflict(f"deployment '{name}' already serves gRPC on port {grpc_port}; "
-                       "a deployment keeps its ports (undeploy it first to change them)")
-    if req.get("port") and req["port"] != existing["port"]:
-        raise Conflict(f"deployment '{name}' already serves on port {existing['port']}; "
-                       "a deployment keeps its port (undeploy it first to change it)")
-    if req.get("host") and req["host"] != existing["host"]:
-        raise Conflict(f"deployment '{name}' already binds {existing['host']}; "
-                       "undeploy it first to change the host")
-
-
-def _default_name(source: Path) -> str:
-    stem = source.name if source.is_dir() else source.stem
-    return stem.lower()
-
-
-def _hash_token(token: str | None) -> str | None:
-    return hashlib.sha256(token.encode()).hexdigest() if token else None
 
 
 def _url_host(host: str) -> str:

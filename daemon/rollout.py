@@ -11,7 +11,8 @@ import re
 import shutil
 
 from mserve.daemon import state as st
-from mserve.daemon.deployments import Deployments, Plan
+from mserve.daemon.deployments import Deployments
+from mserve.daemon.plan import Plan
 from mserve.daemon.errors import BadRequest, Conflict, NotFound
 
 LABEL = re.compile(r"[a-z][a-z0-9_.-]{0,62}")

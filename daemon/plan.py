@@ -1,0 +1,70 @@
+"""What a worker should serve (``Plan``), and the rules a deploy request must follow.
+
+Pure functions and values: no I/O, no state. ``Deployments`` and ``Rollouts`` build plans;
+the worker receives ``Plan.keep`` and ``Plan.route`` in its control messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mserve.daemon.errors import BadRequest, Conflict
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a worker serves: the active version, the split of unpinned traffic, labels, and
+    the standby version; everything it names stays loaded."""
+
+    active: int
+    traffic: dict[int, int] | None
+    labels: dict[str, int]
+    standby: int | None
+
+    @property
+    def keep(self) -> list[int]:
+        named = {self.standby, *(self.traffic or {}), *self.labels.values()}
+        return sorted(n for n in named if n is not None and n != self.active)
+
+    def route(self, d: dict) -> dict:
+        return {"traffic": {str(k): w for k, w in (self.traffic or {}).items()} or None,
+                "labels": self.labels, "sticky": d["options"].get("sticky_header")}
+
+
+def canary_percent(req: dict, existing: dict | None) -> int | None:
+    canary = req.get("canary")
+    if canary is None:
+        return None
+    if isinstance(canary, bool) or not isinstance(canary, int) or not 1 <= canary <= 99:
+        raise BadRequest("--canary must be a percentage from 1 to 99")
+    if existing is None:
+        raise BadRequest("--canary needs an existing deployment to share traffic with")
+    return canary
+
+
+def check_same_place(existing: dict, req: dict) -> None:
+    name = existing["name"]
+    if req.get("tls_cert"):
+        raise Conflict(f"deployment '{name}' exists; TLS is set on its first deploy "
+                       "(undeploy it first to change it)")
+    grpc_port = existing["options"].get("grpc_port")
+    if req.get("grpc_port") and req["grpc_port"] != grpc_port:
+        raise Conflict(f"deployment '{name}' already serves gRPC on port {grpc_port}; "
+                       "a deployment keeps its ports (undeploy it first to change them)")
+    if req.get("port") and req["port"] != existing["port"]:
+        raise Conflict(f"deployment '{name}' already serves on port {existing['port']}; "
+                       "a deployment keeps its port (undeploy it first to change it)")
+    if req.get("host") and req["host"] != existing["host"]:
+        raise Conflict(f"deployment '{name}' already binds {existing['host']}; "
+                       "undeploy it first to change the host")
+
+
+def default_name(source: Path) -> str:
+    stem = source.name if source.is_dir() else source.stem
+    return stem.lower()
+
+
+def hash_token(token: str | None) -> str | None:
+    return hashlib.sha256(token.encode()).hexdigest() if token else None
