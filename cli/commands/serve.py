@@ -7,7 +7,6 @@ its standalone mode; the worker is imported only here, never at CLI start-up.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ import typer
 from mserve.cli.commands.deploy import LOOPBACK, Device
 from mserve.daemon.errors import BadRequest, MserveError
 from mserve.daemon.paths import check_name
+from mserve.daemon.plan import hash_token
 
 MODEL_FILE = "model.onnx"
 
@@ -88,7 +88,7 @@ def serve(
     if tls_cert is not None:
         options["tls"] = {"cert": str(tls_cert.absolute()), "key": str(tls_key.absolute())}
     config = {"name": name, "host": host, "port": port, "standalone": True,
-              "token_hash": hashlib.sha256(token.encode()).hexdigest() if token else None,
+              "token_hash": hash_token(token),
               "options": options, "bind_retry_s": 0,
               "drain_s": float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30")),
               "versions": [{"number": number, "path": str(model.absolute()), "active": True}]}
