@@ -16,19 +16,18 @@ EXIT_ALREADY_RUNNING = 3
 
 
 def client(autostart: bool = True) -> DaemonClient:
-    """A client of a running daemon; starts one unless ``MSERVE_NO_AUTOSTART=1``."""
+    """A client of the daemon that starts it, on first need, when it is not running (unless
+    ``MSERVE_NO_AUTOSTART=1``). No probe first: a running daemon costs one round trip."""
     paths = paths_mod.resolve()
-    c = DaemonClient(str(paths.socket))
-    try:
-        c.status(timeout=START_TIMEOUT_S)
-        return c
-    except DaemonUnavailable:
-        pass
-    if not autostart or os.environ.get("MSERVE_NO_AUTOSTART") == "1":
-        raise MserveError("the mserve daemon is not running",
-                          hint=f"start it with 'mserve daemon start' (log: {paths.daemon_log})")
-    start(paths)
-    return c
+
+    def start_it() -> None:
+        if not autostart or os.environ.get("MSERVE_NO_AUTOSTART") == "1":
+            raise MserveError("the mserve daemon is not running",
+                              hint=f"start it with 'mserve daemon start' "
+                                   f"(log: {paths.daemon_log})")
+        start(paths)
+
+    return DaemonClient(str(paths.socket), on_not_running=start_it)
 
 
 def start(paths: paths_mod.Paths) -> int:

@@ -91,10 +91,12 @@ def check(status: int, payload: bytes):
 
 
 class DaemonClient:
-    """One method per control route."""
+    """One method per control route. ``on_not_running`` (e.g. start the daemon) is called
+    once when nothing listens on the socket, then the connection is tried again."""
 
-    def __init__(self, socket_path: str, timeout: float | None = 600):
+    def __init__(self, socket_path: str, timeout: float | None = 600, on_not_running=None):
         self.socket_path, self.timeout = socket_path, timeout
+        self.on_not_running = on_not_running
 
     def _connect(self, timeout: float | None) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -103,6 +105,10 @@ class DaemonClient:
             sock.connect(self.socket_path)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
+            if self.on_not_running is not None:
+                start, self.on_not_running = self.on_not_running, None
+                start()
+                return self._connect(timeout)
             raise DaemonUnavailable("the mserve daemon is not running") from None
         except OSError as exc:
             sock.close()

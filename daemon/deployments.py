@@ -50,7 +50,7 @@ def load_timeout() -> float:
 class Deployments:
     def __init__(self, paths: Paths, state: State, store: Store, python: str = sys.executable):
         self.paths, self.state, self.store, self.python = paths, state, store, python
-        self.supervisor = Supervisor(paths.logs, self._on_exit, self._restart, python)
+        self.supervisor = Supervisor(paths.worker_log, self._on_exit, self._restart, python)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._reserved_ports: set[int] = set()
         self.ingesting: set[str] = set()  # stored blobs whose deploy has not finished
@@ -420,7 +420,7 @@ class Deployments:
 
     def _config(self, d: dict, versions: list[tuple[dict | None, bool]],
                 bind_retry_s: float, route: dict | None = None) -> dict:
-        log = self.paths.logs / f"{d['name']}.requests.jsonl"
+        log = self.paths.request_log(d["name"])
         return {
             "route": route or {"traffic": None, "labels": {},
                                "sticky": d["options"].get("sticky_header")},

@@ -47,6 +47,9 @@ class Paths:
     def worker_log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
 
+    def request_log(self, name: str) -> Path:
+        return self.logs / f"{name}.requests.jsonl"
+
 
 def resolve() -> Paths:
     """The paths of this installation, from ``MSERVE_HOME`` or the platform defaults."""

@@ -118,9 +118,6 @@ class State:
                               [name]).fetchone()
         return (row[0] or 0) + 1
 
-    def used_ports(self) -> set[int]:
-        return {r[0] for r in self.db.execute("SELECT port FROM deployments").fetchall()}
-
     def events(self, name: str | None = None, limit: int = 100) -> list[dict]:
         if name is None:
             sql, params = "SELECT * FROM events ORDER BY id DESC LIMIT ?", [limit]

@@ -140,9 +140,10 @@ OnRestart = Callable[[str], Awaitable[None]]  # (deployment): start it again
 class Supervisor:
     """Keeps one worker per deployment alive; restarts crashed ones with backoff."""
 
-    def __init__(self, logs: Path, on_exit: OnExit, restart: OnRestart,
+    def __init__(self, log_path: Callable[[str], Path], on_exit: OnExit, restart: OnRestart,
                  python: str = sys.executable):
-        self.logs, self.on_exit, self.restart, self.python = logs, on_exit, restart, python
+        self.log_path, self.on_exit, self.restart = log_path, on_exit, restart
+        self.python = python
         self.workers: dict[str, WorkerProcess] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -151,7 +152,7 @@ class Supervisor:
 
     def worker(self, name: str) -> WorkerProcess:
         if name not in self.workers:
-            self.workers[name] = WorkerProcess(name, self.logs / f"{name}.log", self.python)
+            self.workers[name] = WorkerProcess(name, self.log_path(name), self.python)
         return self.workers[name]
 
     async def start(self, name: str, config: dict, timeout: float) -> dict:

@@ -98,24 +98,25 @@ def short_home() -> Path:
     return Path(tempfile.mkdtemp(prefix="ms-", dir="/tmp"))
 
 
-@pytest.fixture
-def mserve():
-    """A fresh installation with its own daemon, stopped and removed after the test."""
+def installation():
+    """A fresh MSERVE_HOME; its daemon is stopped and the folder removed afterwards."""
     home = short_home()
     m = Mserve(home)
     yield m
     m.cleanup()
     shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def mserve():
+    """A fresh installation with its own daemon, for tests that stop or kill it."""
+    yield from installation()
 
 
 @pytest.fixture(scope="session")
 def shared():
     """One daemon shared by the tests that only need distinct deployment names."""
-    home = short_home()
-    m = Mserve(home)
-    yield m
-    m.cleanup()
-    shutil.rmtree(home, ignore_errors=True)
+    yield from installation()
 
 
 @pytest.fixture(scope="session")

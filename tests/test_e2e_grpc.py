@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 from collections import Counter
 
@@ -458,13 +456,3 @@ def test_predict_grpc(served, shared):
         shared.fail("predict", "gmixed", "-", input=bad)
     assert "'instances'" in shared.fail("predict", "gmixed", "-", "--grpc",
                                         input=json.dumps({"instances": [[1, 2, 3]]}))
-
-
-def test_the_cli_starts_without_grpc():
-    code = ("import sys\n"
-            "from mserve.cli.main import app\n"
-            "import mserve.cli.commands.predict\n"
-            "print([m for m in ('grpc', 'google.protobuf', 'numpy') if m in sys.modules])\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=False)
-    assert result.stdout.strip() == "[]", result.stderr

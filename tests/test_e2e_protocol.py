@@ -209,4 +209,9 @@ def test_token_protects_every_route_but_health(shared, model_dir):
                       input=json.dumps({"x": [[1, 1, 1, 1]]}))
     assert out["outputs"][0]["data"] == [4.0] * 4
     assert "401" not in shared.fail("predict", "secret", "-", input='{"x": [[1, 1, 1, 1]]}')
+    path2 = models.affine(model_dir / "secret2.onnx", scale=5.0)
+    shared.json("deploy", path2, "--name", "secret", "--token", "rotated")  # a new token
+    assert httpx.get(url + "/v2/models/secret", headers=good).status_code == 401
+    rotated = {"Authorization": "Bearer rotated"}
+    assert httpx.get(url + "/v2/models/secret", headers=rotated).status_code == 200
     shared.ok("undeploy", "secret")

@@ -233,16 +233,6 @@ def test_next_version_counts_failed_versions(st):
     assert st.next_version("recs") == 3
 
 
-def test_used_ports(st):
-    assert st.used_ports() == set()
-    st.record_deploy("a", version(1), deployment(port=8001))
-    st.record_deploy("b", version(1), deployment(port=8002))
-    st.record_deploy("a", version(2), deployment(port=8001))
-    assert st.used_ports() == {8001, 8002}
-    st.delete_deployment("a")
-    assert st.used_ports() == {8002}
-
-
 def test_deployments_sorted_by_name(st):
     for name, port in (("zeta", 1), ("alpha", 2), ("mid", 3)):
         st.record_deploy(name, version(1), deployment(port=port))

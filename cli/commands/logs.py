@@ -36,7 +36,7 @@ def logs(
     if name is None:
         tail_text(paths.daemon_log, lines, follow)
         return
-    path = paths.logs / f"{name}.requests.jsonl"
+    path = paths.request_log(name)
     if not path.exists():
         raise MserveError(f"no request log for '{name}' (is it deployed, and has it served "
                           "a request?)")

@@ -210,6 +210,7 @@ class WorkerApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
+        scope["mserve.request_id"] = request_id = _header(scope, b"x-request-id")
         try:
             if path not in OPEN_PATHS:
                 self._authorize(scope)
@@ -225,7 +226,7 @@ class WorkerApp:
             status, body, headers = 500, codecs.encode_error("internal error (see the "
                                                              "deployment log)"), JSON
         headers = [*headers, (b"content-length", str(len(body)).encode())]
-        if (request_id := _header(scope, b"x-request-id")) is not None:
+        if request_id is not None:
             headers.append((b"x-request-id", request_id.encode("latin-1")))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -285,7 +286,7 @@ class WorkerApp:
 
     async def _inference(self, m: re.Match, scope, receive, handler):
         """The shared life of an inference request: read, handle, record, answer."""
-        call = Call(started=time.perf_counter(), request_id=_header(scope, b"x-request-id"),
+        call = Call(started=time.perf_counter(), request_id=scope["mserve.request_id"],
                     client=_client(scope))
         model = self.s.model(m["name"], m["version"], m["label"], scope)
         call.version = model.number

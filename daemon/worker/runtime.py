@@ -8,7 +8,6 @@ text of each map, e.g. ``{"0": 0.9, "1": 0.1}``.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,11 +187,3 @@ def _zeros(spec: TensorSpec) -> np.ndarray:
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=object)
     return np.zeros(shape, dtype=DTYPES[spec.datatype])
-
-
-def default_threads() -> int:
-    """Intra-op threads per session: the cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
