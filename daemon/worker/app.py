@@ -1,4 +1,4 @@
-"""The data plane of one deployment as a plain ASGI app (no framework on the hot path).
+"""The data plane of one deployment: what it serves (``Serving``) and its HTTP routes.
 
 Routes: Open Inference Protocol v2 (health, metadata, ready, infer; version-pinned paths and
 Triton's binary tensor extension), TF Serving / KServe V1 (``:predict``, model status), and
@@ -21,10 +21,10 @@ from importlib.metadata import version as _dist_version
 
 import orjson
 
-from mserve.daemon.errors import (BadRequest, MserveError, NotFound, PayloadTooLarge,
-                                  Unauthorized, Unavailable)
+from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unauthorized, Unavailable
 from mserve.daemon.worker import codecs, codecs_v1
 from mserve.daemon.worker.batcher import Batcher
+from mserve.daemon.worker.http import Request, Response
 from mserve.daemon.worker.metrics import Metrics
 from mserve.daemon.worker.requestlog import Call, RequestLog
 from mserve.daemon.worker.stats import Recent, VersionStats
@@ -45,10 +45,6 @@ SERVER_METADATA = {"name": "mserve", "version": SERVER_VERSION,
                    "extensions": ["binary_tensor_data", "statistics"]}
 
 
-class ClientGone(Exception):
-    """The client disconnected before its body arrived."""
-
-
 class Serving:
     """What one worker serves: the loaded versions of one deployment and its options."""
 
@@ -60,7 +56,7 @@ class Serving:
         self.active: int | None = None
         self.traffic: list[tuple[int, int]] | None = None  # (cumulative percent, version)
         self.labels: dict[str, int] = {}
-        self.sticky: bytes | None = None
+        self.sticky: str | None = None  # header name, lower case
         self.token_hash = token_hash
         self.options = options
         self.max_body = int((options.get("max_body_mb") or 64) * 2**20)
@@ -112,7 +108,7 @@ class Serving:
             raise NotFound(f"model '{name}' not found; this port serves '{self.name}'")
 
     def model(self, name: str, version: str | None = None, label: str | None = None,
-              scope=None) -> LoadedModel:
+              headers: dict[str, str] | None = None) -> LoadedModel:
         """The version a request asked for (pinned, by label) or, unpinned, the active one,
         or one picked by the traffic split (sticky by header when configured)."""
         self.check_name(name)
@@ -123,7 +119,7 @@ class Serving:
         if version is None:
             if self.active is None:
                 raise Unavailable(f"model '{name}' is not ready")
-            chosen = self._split(scope) if self.traffic else self.active
+            chosen = self._split(headers) if self.traffic else self.active
             return self.models.get(chosen) or self.models[self.active]
         try:
             return self.models[int(version)]
@@ -141,10 +137,10 @@ class Serving:
                 cumulative.append((total, v))
         self.traffic = cumulative or None
         self.labels = {k: int(v) for k, v in (labels or {}).items()}
-        self.sticky = sticky.lower().encode("latin-1") if sticky else None
+        self.sticky = sticky.lower() if sticky else None
 
-    def _split(self, scope) -> int:
-        value = _header(scope, self.sticky) if self.sticky and scope else None
+    def _split(self, headers: dict[str, str] | None) -> int:
+        value = headers.get(self.sticky) if self.sticky and headers else None
         if value is None:
             point = random.random() * self.traffic[-1][0]
         else:  # the same header value always lands on the same point
@@ -201,48 +197,40 @@ class Serving:
 
 
 class WorkerApp:
-    """ASGI entry point: route, authorize, read the body within limits, answer."""
+    """Route, authorize and answer one buffered request (``http.Request``)."""
 
     def __init__(self, serving: Serving):
         self.s = serving
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return
-        path, method = scope["path"], scope["method"]
-        scope["mserve.request_id"] = request_id = _header(scope, b"x-request-id")
+    async def __call__(self, request: Request) -> Response:
+        path, method = request.path, request.method
+        request_id = request.headers.get("x-request-id")
         try:
             if path not in OPEN_PATHS:
-                self._authorize(scope)
-            status, body, headers = await self._route(path, method, scope, receive)
+                self.s.authorize(request.headers.get("authorization"))
+            status, body, headers = await self._route(request)
         except MserveError as exc:
             status, body, headers = exc.status, codecs.encode_error(exc.message), JSON
             if exc.status == 503:
                 headers = JSON + [(b"retry-after", b"1")]
-        except ClientGone:
-            return
         except Exception:
             log.exception("unexpected error on %s %s", method, path)
             status, body, headers = 500, codecs.encode_error("internal error (see the "
                                                              "deployment log)"), JSON
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
         if request_id is not None:
-            headers.append((b"x-request-id", request_id.encode("latin-1")))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            headers = [*headers, (b"x-request-id", request_id.encode("latin-1"))]
+        return status, headers, body
 
-    def _authorize(self, scope) -> None:
-        self.s.authorize(_header(scope, b"authorization"))
-
-    async def _route(self, path: str, method: str, scope, receive):
+    async def _route(self, request: Request):
+        path, method = request.path, request.method
         if method == "GET":
             return self._get(path)
         if method == "POST":
             if m := V2_MODEL.fullmatch(path):
                 if m["op"] == "/infer":
-                    return await self._inference(m, scope, receive, self._v2)
+                    return await self._inference(m, request, self._v2)
             elif (m := V1_MODEL.fullmatch(path)) and m["op"]:
-                return await self._inference(m, scope, receive, self._v1)
+                return await self._inference(m, request, self._v1)
         raise NotFound(f"no route for {method} {path}")
 
     def _get(self, path: str):
@@ -284,34 +272,34 @@ class WorkerApp:
         return {"name": name, "ready": self.s.active is not None,
                 "model_version_status": statuses}
 
-    async def _inference(self, m: re.Match, scope, receive, handler):
-        """The shared life of an inference request: read, handle, record, answer."""
-        call = Call(started=time.perf_counter(), request_id=scope["mserve.request_id"],
-                    client=_client(scope))
-        model = self.s.model(m["name"], m["version"], m["label"], scope)
+    async def _inference(self, m: re.Match, request: Request, handler):
+        """The shared life of an inference request: handle, record, answer."""
+        body = request.body
+        call = Call(started=time.perf_counter(), request_id=request.headers.get("x-request-id"),
+                    client=request.client, bytes_in=len(body))
+        model = self.s.model(m["name"], m["version"], m["label"], request.headers)
         call.version = model.number
         with self.s.recorded(call):
-            body = await _read_body(scope, receive, self.s.max_body)
-            call.bytes_in = len(body)
             if self.s.log.payloads:
                 call.payload_in = body
-            out, headers = await handler(model, body, scope, call)
+            out, headers = await handler(model, request, call)
             call.status, call.bytes_out = 200, len(out)
             if self.s.log.payloads:
                 call.payload_out = out
         headers.append((b"x-model-version", str(model.number).encode()))
         return 200, out, headers
 
-    async def _v2(self, model: LoadedModel, body: bytes, scope, call: Call):
-        header_length = _int_header(scope, b"inference-header-content-length")
-        request = codecs.parse_request(body, header_length, max_elements=self.s.max_elements)
-        results = await self.s.infer(model, request, call)
-        out, headers = codecs.encode_response(self.s.name, str(model.number), request.id,
+    async def _v2(self, model: LoadedModel, request: Request, call: Call):
+        header_length = _int_header(request.headers, "inference-header-content-length")
+        parsed = codecs.parse_request(request.body, header_length,
+                                      max_elements=self.s.max_elements)
+        results = await self.s.infer(model, parsed, call)
+        out, headers = codecs.encode_response(self.s.name, str(model.number), parsed.id,
                                               results)
         return out, [(k.encode(), v.encode()) for k, v in headers.items()]
 
-    async def _v1(self, model: LoadedModel, body: bytes, scope, call: Call):
-        feeds, form = codecs_v1.parse_predict(body, model.inputs,
+    async def _v1(self, model: LoadedModel, request: Request, call: Call):
+        feeds, form = codecs_v1.parse_predict(request.body, model.inputs,
                                               max_elements=self.s.max_elements)
         names = [o.name for o in model.outputs]
         arrays = await self.s.run(model, feeds, names, call)
@@ -322,46 +310,14 @@ def _json(obj) -> tuple[int, bytes, list]:
     return 200, orjson.dumps(obj), JSON
 
 
-def _client(scope) -> str | None:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else None
-
-
-def _header(scope, key: bytes) -> str | None:
-    for k, v in scope["headers"]:
-        if k == key:
-            return v.decode("latin-1")
-    return None
-
-
-def _int_header(scope, key: bytes) -> int | None:
-    value = _header(scope, key)
+def _int_header(headers: dict[str, str], key: str) -> int | None:
+    value = headers.get(key)
     if value is None:
         return None
     try:
         return int(value)
     except ValueError:
-        raise BadRequest(f"header {key.decode()} must be an integer, got {value!r}") from None
-
-
-async def _read_body(scope, receive, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit``."""
-    declared = _int_header(scope, b"content-length")
-    too_large = PayloadTooLarge(f"request body exceeds the limit of {limit // 2**20} MiB")
-    if declared is not None and declared > limit:
-        raise too_large
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        raise BadRequest(f"header {key} must be an integer, got {value!r}") from None
 
 
 def configure_logging() -> None:

@@ -194,7 +194,7 @@ class Servicer:
             msg = pb.ModelInferRequest.FromString(raw)
         except DecodeError:
             raise BadRequest("the request is not a valid ModelInferRequest message") from None
-        model = s.model(msg.model_name, msg.model_version or None, None, _scope(context))
+        model = s.model(msg.model_name, msg.model_version or None, None, _headers(context))
         call.version = model.number
         with s.recorded(call):
             call.bytes_in = len(raw)
@@ -247,11 +247,10 @@ def _metadata(context, key: str) -> str | None:
     return None
 
 
-def _scope(context) -> dict:
-    """The call's metadata as an ASGI-like scope, for routing that reads headers."""
-    return {"headers": [(item.key.encode("latin-1"), item.value.encode("latin-1"))
-                        for item in context.invocation_metadata() or ()
-                        if isinstance(item.value, str)]}
+def _headers(context) -> dict[str, str]:
+    """The call's text metadata as headers, for routing that reads them (sticky splits)."""
+    return {item.key: item.value for item in context.invocation_metadata() or ()
+            if isinstance(item.value, str)}
 
 
 def _peer(context) -> str | None:

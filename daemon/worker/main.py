@@ -20,15 +20,15 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
 
-import uvicorn
-
 from mserve.daemon.errors import MserveError
 from mserve.daemon.worker import runtime
 from mserve.daemon.worker.app import Serving, WorkerApp, configure_logging
+from mserve.daemon.worker.http import HttpServer
 
 log = logging.getLogger("mserve.worker")
 EXIT_BIND, EXIT_LOAD = 3, 4
@@ -65,14 +65,6 @@ class Console:
             print(self.ready_line, file=sys.stderr, flush=True)
         elif message.get("event") == "failed":
             print(f"Error: {message['error']}", file=sys.stderr, flush=True)
-
-
-class QuietServer(uvicorn.Server):
-    """uvicorn re-raises captured signals after serving; here the worker owns its signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
 
 
 def bind(host: str, port: int, retry_seconds: float, listen: bool = True) -> socket.socket:
@@ -118,8 +110,9 @@ def load_versions(config: dict) -> tuple[list, int]:
 class Control:
     """Executes the daemon's commands: load, activate, ping."""
 
-    def __init__(self, serving: Serving, channel: Channel, server: QuietServer, config: dict):
-        self.serving, self.channel, self.server, self.config = serving, channel, server, config
+    def __init__(self, serving: Serving, channel: Channel, config: dict):
+        self.serving, self.channel, self.config = serving, channel, config
+        self.stopping = asyncio.Event()
         self.grpc, self._grpc_stop = None, None  # the gRPC server, once started
 
     def listen(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -138,7 +131,7 @@ class Control:
 
     def stop(self, why: str) -> None:
         log.info("stopping: %s", why)
-        self.server.should_exit = True
+        self.stopping.set()
         self.stop_grpc()
 
     def stop_grpc(self) -> asyncio.Future | None:
@@ -187,27 +180,25 @@ class Control:
         raise MserveError(f"unknown command {op!r}")
 
 
-def http_config(serving: Serving, config: dict) -> uvicorn.Config:
-    tls = config["options"].get("tls") or {}
-    uv = uvicorn.Config(WorkerApp(serving), http="httptools", lifespan="off", access_log=False,
-                        log_level="warning", timeout_graceful_shutdown=config.get("drain_s", 30),
-                        backlog=2048, proxy_headers=False, server_header=False,
-                        date_header=False, ssl_certfile=tls.get("cert"),
-                        ssl_keyfile=tls.get("key"))
-    uv.load()  # builds the TLS context now, so a bad certificate is a clean start-up error
-    return uv
+def tls_context(config: dict) -> ssl.SSLContext | None:
+    """The server TLS context, built now so a bad certificate is a clean start-up error."""
+    tls = config["options"].get("tls")
+    if not tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls["cert"], tls["key"])
+    return context
 
 
 async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
-                channel: Channel, config: dict, uv: uvicorn.Config) -> int | None:
+                channel: Channel, config: dict, tls: ssl.SSLContext | None) -> int | None:
     models, active = loaded
     for model in models:
         serving.add(model)
     serving.active = active
     route = config.get("route") or {}
     serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
-    server = QuietServer(uv)
-    control = Control(serving, channel, server, config)
+    control = Control(serving, channel, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, control.stop, f"signal {sig}")
@@ -221,16 +212,20 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
             channel.send({"event": "failed", "error": f"cannot serve gRPC on port {grpc_port}: "
                                                       f"{exc}"})
             return EXIT_BIND
+    http = HttpServer(WorkerApp(serving), max_body=serving.max_body, ssl=tls)
+    await http.start(sock)
     if not config.get("standalone"):
         control.listen(loop)
     flusher = asyncio.create_task(_flush_every_second(serving))
     channel.send({"event": "ready", "pid": os.getpid(),
                   "versions": {n: m.meta() for n, m in serving.models.items()}})
     try:
-        await server.serve(sockets=[sock])
-    finally:
+        await control.stopping.wait()
+        draining = [http.drain(config.get("drain_s", 30))]
         if (grpc_stopping := control.stop_grpc()) is not None:
-            await grpc_stopping
+            draining.append(grpc_stopping)
+        await asyncio.gather(*draining)
+    finally:
         flusher.cancel()
         serving.log.flush()
 
@@ -272,7 +267,7 @@ def main(argv: list[str]) -> int:
     serving = Serving(config["name"], token_hash=config.get("token_hash"),
                       options=config["options"])
     try:
-        uv = http_config(serving, config)
+        tls = tls_context(config)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         channel.send({"event": "failed", "error": f"cannot use the TLS certificate or key: {exc}"})
         return EXIT_LOAD
@@ -286,7 +281,7 @@ def main(argv: list[str]) -> int:
         import uvloop
 
         runner = uvloop.run
-    return runner(serve(serving, loaded, sock, channel, config, uv)) or 0
+    return runner(serve(serving, loaded, sock, channel, config, tls)) or 0
 
 
 def _bind_error(exc: OSError, config: dict, port: int | None = None,

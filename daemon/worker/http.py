@@ -1,0 +1,258 @@
+"""The worker's HTTP/1.1 server: an asyncio protocol over httptools, with no ASGI layer.
+
+Each connection parses with httptools, buffers a request's body (refusing it with 413 as soon
+as it is known to exceed the limit), hands the whole ``Request`` to the app and writes the
+answer with one ``transport.write``. Requests on one connection are answered in order
+(pipelining works; reading pauses while too many wait). Keep-alive follows HTTP/1.1 rules,
+idle connections close after ``keepalive_s``, ``Expect: 100-continue`` is honoured, and a
+request that does not parse gets 400 and the connection closes.
+
+``drain`` stops listening, closes idle connections at once and gives those with a request in
+progress up to the drain time to answer it before they are cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+import httptools
+
+log = logging.getLogger("mserve.worker")
+MAX_HEADER_BYTES = 64 * 1024
+MAX_PIPELINED = 32  # requests read ahead on one connection before reading pauses
+REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
+           408: b"Request Timeout", 413: b"Content Too Large",
+           431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           503: b"Service Unavailable"}
+JSON_TYPE = b"application/json"
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
+    body: bytes
+    client: str | None
+
+
+# (status, extra header lines as (name, value) bytes pairs, body)
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def encode(status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+           close: bool = False) -> list[bytes]:
+    """The answer as the byte strings to write (head and body together when small)."""
+    lines = [b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n"
+             % (status, REASONS.get(status, b"Unknown"), len(body))]
+    lines += [b"%s: %s\r\n" % pair for pair in headers]
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    if len(body) <= 65536:
+        lines.append(body)
+        return [b"".join(lines)]
+    return [b"".join(lines), body]
+
+
+def error_body(message: str) -> bytes:
+    import orjson
+
+    return orjson.dumps({"error": message})
+
+
+class HttpServer:
+    """Serves ``handler`` on a listening socket; ``drain`` to stop."""
+
+    def __init__(self, handler: Handler, *, max_body: int, keepalive_s: float = 5.0,
+                 ssl=None):
+        self.handler, self.max_body, self.keepalive_s, self.ssl = (handler, max_body,
+                                                                   keepalive_s, ssl)
+        self.connections: set[Connection] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.draining = False
+
+    async def start(self, sock) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: Connection(self), sock=sock,
+                                               ssl=self.ssl, backlog=2048)
+
+    async def drain(self, seconds: float) -> None:
+        """Stop accepting, let requests in progress finish (up to ``seconds``), close all."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close_when_idle()
+        deadline = asyncio.get_running_loop().time() + seconds
+        while self.connections and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.connections):
+            conn.transport.abort()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: parse, queue, answer in order."""
+
+    def __init__(self, server: HttpServer):
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.client: str | None = None
+        self.waiting: deque[tuple[Request | Response, bool]] = deque()
+        self.busy = self.closing = self.paused = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.last_seen = self.loop.time()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url, self.headers, self.chunks = b"", {}, []
+        self.size = self.header_bytes = 0
+        self.refused: Response | None = None
+
+    # ---- asyncio.Protocol --------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.client = f"{peer[0]}:{peer[1]}"
+        self.server.connections.add(self)
+        self.idle_timer = self.loop.call_later(self.server.keepalive_s, self._idle)
+
+    def connection_lost(self, exc) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_seen = self.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError:
+            self._fail(400, "malformed HTTP request")
+
+    # ---- httptools callbacks -----------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        self._count(len(name) + len(value))
+
+    def _count(self, size: int) -> None:
+        self.header_bytes += size
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise httptools.HttpParserError("headers too large")
+
+    def on_headers_complete(self) -> None:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.server.max_body:
+            self._refuse_body()
+        elif self.headers.get("expect", "").lower() == "100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self.refused is not None:
+            return
+        self.size += len(body)
+        if self.size > self.server.max_body:
+            self._refuse_body()
+        else:
+            self.chunks.append(body)
+
+    def _refuse_body(self) -> None:
+        limit = self.server.max_body // 2**20
+        message = f"request body exceeds the limit of {limit} MiB"
+        self.refused = (413, [(b"content-type", JSON_TYPE)], error_body(message))
+        self.chunks = []
+
+    def on_message_complete(self) -> None:
+        keep = self.parser.should_keep_alive()
+        if self.refused is not None:
+            # The rest of an oversized body would still arrive: answer, then close.
+            self.waiting.append((self.refused, False))
+        else:
+            chunks = self.chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            url = self.url
+            path = url.split(b"?", 1)[0].decode("latin-1")
+            if "%" in path:
+                path = unquote(path, encoding="latin-1")
+            request = Request(self.parser.get_method().decode("latin-1"), path,
+                              self.headers, body, self.client)
+            self.waiting.append((request, keep))
+        self._reset()
+        if len(self.waiting) >= MAX_PIPELINED and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+        if not self.busy:
+            self.busy = True
+            self.loop.create_task(self._answer_all())
+
+    # ---- answering ---------------------------------------------------------------------
+    async def _answer_all(self) -> None:
+        try:
+            while self.waiting and not self.transport.is_closing():
+                item, keep = self.waiting.popleft()
+                if isinstance(item, Request):
+                    status, headers, body = await self.server.handler(item)
+                else:
+                    (status, headers, body), keep = item, False
+                keep = keep and not self.server.draining
+                if self.transport.is_closing():
+                    return
+                self.transport.writelines(encode(status, headers, body, close=not keep))
+                if not keep:
+                    self.transport.close()
+                    return
+                if self.paused and len(self.waiting) < MAX_PIPELINED // 2:
+                    self.paused = False
+                    self.transport.resume_reading()
+        finally:
+            self.busy = False
+            self.last_seen = self.loop.time()
+            if self.server.draining and not self.transport.is_closing():
+                self.transport.close()
+
+    def _fail(self, status: int, message: str) -> None:
+        """A request that cannot be parsed: answer it (after those before it) and close."""
+        self.closing = True
+        self.transport.pause_reading()
+        self.waiting.append(((status, [(b"content-type", JSON_TYPE)], error_body(message)),
+                             False))
+        if not self.busy:
+            self.busy = True
+            self.loop.create_task(self._answer_all())
+
+    def close_when_idle(self) -> None:
+        if not self.busy and not self.waiting:
+            self.transport.close()
+
+    def _idle(self) -> None:
+        """Close a connection that sent nothing for ``keepalive_s`` while nothing of its was
+        in progress (an idle keep-alive, or a request that stopped arriving); else look
+        again later. One timer per connection, not one per request."""
+        quiet = self.loop.time() - self.last_seen
+        if self.transport.is_closing():
+            return
+        if self.busy or self.waiting or quiet < self.server.keepalive_s:
+            wait = max(self.server.keepalive_s - quiet, 0.1)
+            self.idle_timer = self.loop.call_later(wait, self._idle)
+        else:
+            self.transport.close()
