@@ -18,9 +18,10 @@ from mserve.daemon.worker.metrics import Metrics
 class FakeModel:
     """Doubles its input; rows equal to -1 are 'bad' and make the whole run fail."""
 
-    def __init__(self, batchable=True, sleep_s=0.0):
+    def __init__(self, batchable=True, sleep_s=0.0, size_bound=True):
         self.sessions = [object()]
         self.batchable = batchable
+        self.size_bound = size_bound
         self.runs: list[int] = []
         self.threads: set[str] = set()
         self.sleep_s = sleep_s
@@ -113,9 +114,53 @@ def test_close_finishes_what_is_queued(delay):
 
 
 
-def test_model_runs_never_block_the_event_loop():
+def test_requests_that_are_not_alone_run_in_a_thread():
     async def main():
         model = FakeModel(sleep_s=0.001)
         await burst(make(model), [np.ones((1, 2), np.float32)] * 5)
         assert "MainThread" not in model.threads
+    run(main())
+
+
+def inline_count(batcher) -> float:
+    return batcher.metrics.inline_runs._value.get()
+
+
+def test_a_lone_request_on_a_cheap_size_bound_model_runs_inline():
+    async def main():
+        model = FakeModel()
+        batcher = make(model)
+        x = np.ones((1, 2), np.float32)
+        # no measured cost yet: the first run goes to the thread
+        assert (await batcher.submit({"x": x}, ["y"], alone=True))[0].tolist() == [[2, 2]]
+        assert "MainThread" not in model.threads and batcher.cost is not None
+        got = await batcher.submit({"x": x * 3}, ["y"], alone=True)
+        assert got[0].tolist() == [[6, 6]] and "MainThread" in model.threads
+        assert inline_count(batcher) == 1 and batcher.inflight == 0
+        with pytest.raises(BadRequest):  # an inline failure is the request's own error
+            await batcher.submit({"x": -x}, ["y"], alone=True)
+        # not alone: thread, even when cheap
+        model.threads.clear()
+        await batcher.submit({"x": x}, ["y"])
+        assert model.threads and "MainThread" not in model.threads
+    run(main())
+
+
+@pytest.mark.parametrize("why", ["value-bound", "slow", "busy"])
+def test_no_inline_run_for_value_bound_or_slow_models_or_when_others_wait(why):
+    async def main():
+        model = FakeModel(size_bound=why != "value-bound", sleep_s=0.003 if why == "slow" else 0)
+        batcher = make(model)
+        x = np.ones((1, 2), np.float32)
+        await batcher.submit({"x": x}, ["y"], alone=True)  # calibrates the cost
+        if why == "busy":
+            model.sleep_s = 0.05
+            other = asyncio.ensure_future(batcher.submit({"x": x}, ["y"]))
+            while not batcher.inflight:
+                await asyncio.sleep(0)
+            model.sleep_s = 0
+        await batcher.submit({"x": x}, ["y"], alone=True)
+        if why == "busy":
+            await other
+        assert "MainThread" not in model.threads and inline_count(batcher) == 0
     run(main())

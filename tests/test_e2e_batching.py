@@ -38,3 +38,39 @@ def test_concurrent_requests_are_batched_and_answered_correctly(shared, model_di
     runs, requests = metric(text, "mserve_batch_size_count"), metric(text, "mserve_batch_size_sum")
     assert requests == 200 and runs < requests, (runs, requests)
     shared.ok("undeploy", "batched")
+
+
+def test_lone_requests_run_inline_only_on_size_bound_models(shared, model_dir):
+    """Sequential requests on an affine model (Mul, Add) run on the event loop; on a
+    model with a Loop (run time chosen by an input value) they never do."""
+    quick = shared.json("deploy", models.affine(model_dir / "quick.onnx", scale=3.0),
+                        "--name", "quick")["deployment"]["url"]
+    looped = shared.json("deploy", models.slow(model_dir / "looped.onnx"),
+                         "--name", "looped")["deployment"]["url"]
+    x = {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+    n = {"name": "n", "datatype": "INT64", "shape": [], "data": [10]}
+    with httpx.Client(timeout=20) as c:
+        for _ in range(5):
+            r = c.post(quick + "/v2/models/quick/infer", json={"inputs": [x]})
+            assert r.json()["outputs"][0]["data"] == [3, 6, 9, 12]
+            r = c.post(looped + "/v2/models/looped/infer", json={"inputs": [x, n]})
+            assert r.json()["outputs"][0]["data"] == [1, 2, 3, 4]
+        assert metric(c.get(quick + "/metrics").text, "mserve_inline_runs_total") >= 3
+        assert metric(c.get(looped + "/metrics").text, "mserve_inline_runs_total") == 0
+    shared.ok("undeploy", "quick")
+    shared.ok("undeploy", "looped")
+
+
+def test_graphscan_reads_the_operators_onnx_reads(model_dir):
+    import onnx
+
+    from mserve.daemon.worker import graphscan
+
+    for build in (models.mixed, models.zipmap, models.slow, models.identities):
+        path = build(model_dir / f"scan_{build.__name__}.onnx")
+        graph = onnx.load(str(path)).graph
+        assert graphscan.operators(path) == {(n.domain, n.op_type) for n in graph.node}
+    assert graphscan.size_bound(model_dir / "scan_mixed.onnx")
+    assert not graphscan.size_bound(model_dir / "scan_slow.onnx")
+    (model_dir / "junk.onnx").write_bytes(b"\xff" * 64)
+    assert not graphscan.size_bound(model_dir / "junk.onnx")

@@ -24,7 +24,7 @@ import orjson
 from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unauthorized, Unavailable
 from mserve.daemon.worker import codecs, codecs_v1
 from mserve.daemon.worker.batcher import Batcher
-from mserve.daemon.worker.http import Request, Response
+from mserve.daemon.worker.http import HttpServer, Request, Response
 from mserve.daemon.worker.metrics import Metrics
 from mserve.daemon.worker.requestlog import Call, RequestLog
 from mserve.daemon.worker.stats import Recent, VersionStats
@@ -151,22 +151,23 @@ class Serving:
                 return version
         return self.traffic[-1][1]
 
-    async def run(self, model: LoadedModel, feeds: dict, names: list[str], call: Call) -> list:
-        """Queue one request on its version's batcher; the model runs in a thread."""
+    async def run(self, model: LoadedModel, feeds: dict, names: list[str], call: Call,
+                  alone: bool = False) -> list:
+        """Queue one request on its version's batcher (``alone``: see Batcher.submit)."""
         batcher = self.batchers.get(model.number)
         if batcher is None or batcher.closed or batcher.model is not model:
             # Unloaded while this request was read: it still finishes on its own version.
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, model.run, feeds, names)
-        return await batcher.submit(feeds, names, call)
+        return await batcher.submit(feeds, names, call, alone)
 
-    async def infer(self, model: LoadedModel, request: codecs.InferRequest,
-                    call: Call) -> list[tuple[codecs.RequestedOutput, object]]:
+    async def infer(self, model: LoadedModel, request: codecs.InferRequest, call: Call,
+                    alone: bool = False) -> list[tuple[codecs.RequestedOutput, object]]:
         """Check a decoded v2 request against ``model``, run it: (requested output, array)."""
         call.request_id = call.request_id or request.id
         feeds = codecs.check_inputs(request, model.inputs)
         wanted = codecs.check_outputs(request, model.outputs)
-        arrays = await self.run(model, feeds, [o.name for o in wanted], call)
+        arrays = await self.run(model, feeds, [o.name for o in wanted], call, alone)
         return list(zip(wanted, arrays))
 
     @contextlib.contextmanager
@@ -201,6 +202,11 @@ class WorkerApp:
 
     def __init__(self, serving: Serving):
         self.s = serving
+        self.http: HttpServer | None = None  # the server, to know whether others wait
+
+    def _alone(self) -> bool:
+        """No other request is waiting in this worker's HTTP server."""
+        return self.http is not None and self.http.pending <= 1
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.path, request.method
@@ -293,7 +299,7 @@ class WorkerApp:
         header_length = _int_header(request.headers, "inference-header-content-length")
         parsed = codecs.parse_request(request.body, header_length,
                                       max_elements=self.s.max_elements)
-        results = await self.s.infer(model, parsed, call)
+        results = await self.s.infer(model, parsed, call, self._alone())
         out, headers = codecs.encode_response(self.s.name, str(model.number), parsed.id,
                                               results)
         return out, [(k.encode(), v.encode()) for k, v in headers.items()]
@@ -302,7 +308,7 @@ class WorkerApp:
         feeds, form = codecs_v1.parse_predict(request.body, model.inputs,
                                               max_elements=self.s.max_elements)
         names = [o.name for o in model.outputs]
-        arrays = await self.s.run(model, feeds, names, call)
+        arrays = await self.s.run(model, feeds, names, call, self._alone())
         return codecs_v1.encode_predict(dict(zip(names, arrays)), form), list(JSON)
 
 

@@ -75,6 +75,7 @@ class HttpServer:
         self.handler, self.max_body, self.keepalive_s, self.ssl = (handler, max_body,
                                                                    keepalive_s, ssl)
         self.connections: set[Connection] = set()
+        self.pending = 0  # requests read and not answered yet, over all connections
         self.server: asyncio.AbstractServer | None = None
         self.draining = False
 
@@ -129,6 +130,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closing = True
         self.server.connections.discard(self)
+        self.server.pending -= sum(isinstance(item, Request) for item, _ in self.waiting)
+        self.waiting.clear()
         if self.idle_timer is not None:
             self.idle_timer.cancel()
 
@@ -197,6 +200,7 @@ class Connection(asyncio.Protocol):
             request = Request(self.parser.get_method().decode("latin-1"), path,
                               self.headers, body, self.client)
             self.waiting.append((request, keep))
+            self.server.pending += 1
         self._reset()
         if len(self.waiting) >= MAX_PIPELINED and not self.paused:
             self.paused = True
@@ -211,13 +215,17 @@ class Connection(asyncio.Protocol):
             while self.waiting and not self.transport.is_closing():
                 item, keep = self.waiting.popleft()
                 if isinstance(item, Request):
-                    status, headers, body = await self.server.handler(item)
+                    try:
+                        status, headers, body = await self.server.handler(item)
+                    finally:
+                        self.server.pending -= 1
                 else:
                     (status, headers, body), keep = item, False
                 keep = keep and not self.server.draining
                 if self.transport.is_closing():
                     return
-                self.transport.writelines(encode(status, headers, body, close=not keep))
+                for chunk in encode(status, headers, body, close=not keep):
+                    self.transport.write(chunk)
                 if not keep:
                     self.transport.close()
                     return

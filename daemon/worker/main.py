@@ -212,7 +212,8 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
             channel.send({"event": "failed", "error": f"cannot serve gRPC on port {grpc_port}: "
                                                       f"{exc}"})
             return EXIT_BIND
-    http = HttpServer(WorkerApp(serving), max_body=serving.max_body, ssl=tls)
+    app = WorkerApp(serving)
+    app.http = http = HttpServer(app, max_body=serving.max_body, ssl=tls)
     await http.start(sock)
     if not config.get("standalone"):
         control.listen(loop)

@@ -37,6 +37,9 @@ class Metrics:
         self.batch_size = Histogram(
             "mserve_batch_size", "Requests combined into one model run.",
             buckets=BATCH_BUCKETS, registry=registry)
+        self.inline_runs = Counter(
+            "mserve_inline_runs", "Model runs made on the event loop for a lone request "
+            "(no thread hand-off).", registry=registry)
         self.queue_depth = Gauge(
             "mserve_queue_depth", "Requests waiting for or in a model run.", registry=registry)
         self.load_time = Gauge(

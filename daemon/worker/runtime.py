@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from mserve.daemon.errors import BadRequest, DeployFailed
+from mserve.daemon.worker import graphscan
 from mserve.daemon.worker.codecs import DTYPES, ORT_TYPES, TensorSpec
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -43,6 +44,7 @@ class LoadedModel:
     providers: list[str]
     load_ms: float
     json_outputs: frozenset[str] = frozenset()  # outputs that are maps, served as JSON text
+    size_bound: bool = False  # run time depends on input sizes only (graphscan.size_bound)
     _turn: itertools.count = field(default_factory=itertools.count)
 
     @property
@@ -88,6 +90,7 @@ def load(number: int, path: str, device: str = "auto", instances: int = 1,
         number=number, path=path, sessions=sessions, inputs=inputs, outputs=outputs,
         device="cuda" if CUDA in providers else "cpu", providers=providers, load_ms=0.0,
         json_outputs=frozenset(a.name for a in first.get_outputs() if _is_map(a.type)),
+        size_bound=graphscan.size_bound(path),
     )
     warm_up(model)
     model.load_ms = (time.perf_counter() - start) * 1000

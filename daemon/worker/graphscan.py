@@ -1,0 +1,93 @@
+"""Which operators an ONNX file uses, read straight from its protobuf bytes (no ``onnx``
+import, no copy of the weights: the file is memory-mapped and initializers are skipped).
+
+Used to tell whether a model's run time can depend on its input *values* rather than only
+on their sizes (control flow, or ops whose output size is a value: Range, Expand, Tile...).
+Only such "size-bound" models may run on the worker's event loop (see batcher.py).
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+# ModelProto.graph, ModelProto.functions, GraphProto.node, FunctionProto.node,
+# NodeProto.op_type, NodeProto.domain (onnx.proto field numbers)
+MODEL_GRAPH, MODEL_FUNCTIONS, GRAPH_NODE, FUNCTION_NODE, OP_TYPE, DOMAIN = 7, 25, 1, 7, 4, 7
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+VALUE_BOUND = frozenset({
+    "Loop", "Scan", "If",  # control flow
+    "Range", "ConstantOfShape", "Expand", "Tile", "Pad", "Resize", "Upsample", "OneHot",
+    "CenterCropPad", "Col2Im", "RandomNormal", "RandomUniform", "Multinomial",
+    "NonMaxSuppression", "StringSplit", "TfIdfVectorizer", "Unique",
+})
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, start, end) of each length-delimited field in buf[start:end]."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            yield number, pos, pos + size
+            pos += size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+
+
+def operators(path: str | Path) -> set[tuple[str, str]]:
+    """(domain, op_type) of every node in the main graph and in local functions."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        buf = memoryview(m)
+        try:
+            found = set()
+            for number, start, end in _fields(buf, 0, len(buf)):
+                node_field = {MODEL_GRAPH: GRAPH_NODE, MODEL_FUNCTIONS: FUNCTION_NODE}.get(number)
+                if node_field is None:
+                    continue
+                for inner, a, b in _fields(buf, start, end):
+                    if inner == node_field:
+                        found.add(_node(buf, a, b))
+            return found
+        finally:
+            buf.release()
+
+
+def _node(buf, start: int, end: int) -> tuple[str, str]:
+    op_type = domain = ""
+    for number, a, b in _fields(buf, start, end):
+        if number == OP_TYPE:
+            op_type = bytes(buf[a:b]).decode("utf-8", "replace")
+        elif number == DOMAIN:
+            domain = bytes(buf[a:b]).decode("utf-8", "replace")
+    return domain, op_type
+
+
+def size_bound(path: str | Path) -> bool:
+    """True when the model's run time depends only on its input sizes: standard ops only,
+    none of them value-bound. Anything unreadable counts as not size-bound."""
+    try:
+        ops = operators(path)
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(ops) and all(domain in STANDARD_DOMAINS and op not in VALUE_BOUND
+                             for domain, op in ops)
