@@ -1,81 +1,127 @@
-"""Closed-loop gRPC load against one deployment: `python bench/grpc_load.py TARGET MODEL
-FEATURES CONCURRENCY SECONDS`, printing one JSON line {rps, p50_ms, p99_ms, errors}.
+"""gRPC load with h2load (nghttp2's HTTP/2 load generator, written in C).
 
-No non-Python gRPC load generator (ghz) installs here, so this is a multi-process Python
-client: one process per core, each running its share of the concurrency as asyncio tasks
-over one channel, with raw_input_contents (how Triton's clients send tensors). Python costs
-the client more CPU per call than wrk costs the HTTP rows, and client and server share the
-machine, so gRPC figures are a lower bound next to the HTTP ones.
+A unary gRPC call is an HTTP/2 POST to ``/inference.GRPCInferenceService/ModelInfer`` with
+``content-type: application/grpc``, ``te: trailers`` and the message framed as one byte of
+flags, four bytes of length and the protobuf. h2load sends that body on each stream, so it
+drives mserve's gRPC service the way ghz would (ghz does not install from this machine's
+registries; h2load is the Debian package nghttp2-client). One connection per concurrent
+call (``-c C -m 1``), closed loop, like the wrk rows.
+
+h2load sees HTTP statuses, not gRPC ones (a failed call is HTTP 200 with a non-zero
+``grpc-status`` trailer), so before the load one call is checked with a real gRPC client
+(numbers compared with numpy), and the server's own failure counter
+(``mserve_requests_total{outcome="failure"}``) is read before and after each run: its
+increase is added to h2load's failed streams as the row's errors.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import multiprocessing
-import os
-import sys
-import time
+import shutil
+import struct
+import subprocess
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from loadgen import LoadgenError, apt_install
 
-def _request(model: str, features: int):
+METHOD = "/inference.GRPCInferenceService/ModelInfer"
+
+
+@dataclass
+class GrpcResult:
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    errors: int
+
+
+def ensure_h2load() -> str:
+    """Path of h2load; installs Debian's nghttp2-client when missing and running as root."""
+    return shutil.which("h2load") or apt_install("nghttp2-client", "h2load")
+
+
+def request_message(model: str, x: np.ndarray) -> bytes:
+    """A serialized ModelInferRequest with ``x`` as input ``x`` in raw_input_contents."""
     from mserve.daemon.worker.proto import grpc_service_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model)
-    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, features])
-    del tensor
-    row = np.random.default_rng(0).standard_normal(features).astype(np.float32)
-    request.raw_input_contents.append(row.tobytes())
-    return request
+    request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    return request.SerializeToString()
 
 
-async def _worker(target: str, model: str, features: int, conc: int, seconds: float) -> dict:
+def frame(message: bytes) -> bytes:
+    """The gRPC length-prefixed message (uncompressed)."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def check_answer(target: str, message: bytes, expected: np.ndarray) -> str | None:
+    """One call with grpcio; None when the answer matches ``expected``, else what is wrong."""
     import grpc
 
-    from mserve.daemon.worker.proto import grpc_service_pb2_grpc as pbg
+    from mserve.daemon.worker.proto import grpc_service_pb2 as pb
 
-    request = _request(model, features)
-    latencies, errors = [], 0
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pbg.GRPCInferenceServiceStub(channel)
-        await stub.ModelInfer(request)  # warm the channel
-        deadline = time.perf_counter() + seconds
-
-        async def loop():
-            nonlocal errors
-            while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                try:
-                    await stub.ModelInfer(request)
-                    latencies.append(time.perf_counter() - start)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-
-        await asyncio.gather(*(loop() for _ in range(conc)))
-    return {"latencies": latencies, "errors": errors}
+    try:
+        with grpc.insecure_channel(target) as channel:
+            call = channel.unary_unary(METHOD, request_serializer=None,
+                                       response_deserializer=pb.ModelInferResponse.FromString)
+            response = call(message, timeout=30)
+    except grpc.RpcError as exc:
+        return f"gRPC {exc.code().name}: {exc.details()}"
+    got = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(
+        tuple(response.outputs[0].shape))
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
+        return f"wrong answer: got {got.ravel()[:4]}..., expected {expected.ravel()[:4]}..."
+    return None
 
 
-def _run(args) -> dict:
-    return asyncio.run(_worker(*args))
+def server_failures(metrics_url: str) -> float:
+    """mserve's count of failed inference requests (all versions and codes)."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("mserve_requests_total{") and 'outcome="failure"' in line)
 
 
-def main(argv: list[str]) -> int:
-    target, model, features, conc, seconds = argv[1], argv[2], int(argv[3]), int(argv[4]), \
-        float(argv[5])
-    procs = max(1, min(conc, os.cpu_count() or 1))
-    shares = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
-    with multiprocessing.get_context("spawn").Pool(procs) as pool:
-        parts = pool.map(_run, [(target, model, features, s, seconds) for s in shares])
-    latencies = np.array([x for p in parts for x in p["latencies"]]) * 1000
-    print(json.dumps({
-        "rps": len(latencies) / seconds,
-        "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else None,
-        "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else None,
-        "errors": sum(p["errors"] for p in parts)}))
-    return 0
+def run_h2load(h2load: str, target: str, body: Path, connections: int, seconds: float,
+               metrics_url: str) -> GrpcResult:
+    """``seconds`` of closed-loop unary calls on ``connections`` connections."""
+    before = server_failures(metrics_url)
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "requests.tsv"
+        cmd = [h2load, "-D", f"{seconds:g}", "-c", str(connections), "-m", "1", "-t",
+               str(1 if connections == 1 else 2), "-H", "content-type: application/grpc",
+               "-H", "te: trailers", "-d", str(body), f"--log-file={log}",
+               f"http://{target}{METHOD}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        if done.returncode != 0:
+            raise LoadgenError(f"h2load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+        durations = _durations_ms(log)
+    failed = _failed(done.stdout)
+    errors = failed + int(server_failures(metrics_url) - before)
+    if not len(durations):
+        raise LoadgenError(f"h2load completed no call:\n{done.stdout[-1000:]}")
+    return GrpcResult(rps=len(durations) / seconds,
+                      p50_ms=float(np.percentile(durations, 50)),
+                      p99_ms=float(np.percentile(durations, 99)), errors=errors)
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+def _durations_ms(log: Path) -> np.ndarray:
+    """Response times of the successful streams in h2load's per-request log (start µs,
+    status, duration µs)."""
+    rows = [line.split("\t") for line in log.read_text().splitlines() if line.strip()]
+    return np.array([int(r[2]) / 1000 for r in rows if r[1] == "200"], dtype=float)
+
+
+def _failed(out: str) -> int:
+    """failed + errored + timeout streams from h2load's 'requests:' line."""
+    for line in out.splitlines():
+        if line.startswith("requests:"):
+            words = line.replace(",", "").split()
+            return sum(int(words[i - 1]) for i, w in enumerate(words)
+                       if w in ("failed", "errored", "timeout"))
+    raise LoadgenError(f"unreadable h2load output:\n{out[-1000:]}")

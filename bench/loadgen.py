@@ -47,21 +47,23 @@ class WrkResult:
 
 def ensure_wrk() -> str:
     """Path of wrk; installs the Debian package when missing and running as root."""
-    found = shutil.which("wrk")
-    if found:
-        return found
+    return shutil.which("wrk") or apt_install("wrk", "wrk")
+
+
+def apt_install(package: str, binary: str) -> str:
+    """Install Debian ``package`` (as root, with apt-get) and return the path of ``binary``."""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise LoadgenError("wrk is not on PATH: install it (Debian/Ubuntu: "
-                           "`sudo apt-get install -y wrk`) and run again")
-    print("wrk not found: apt-get update && apt-get install -y wrk", flush=True)
+        raise LoadgenError(f"{binary} is not on PATH: install it (Debian/Ubuntu: "
+                           f"`sudo apt-get install -y {package}`) and run again")
+    print(f"{binary} not found: apt-get update && apt-get install -y {package}", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "wrk"]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", package]):
         done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise LoadgenError(f"`{' '.join(cmd)}` failed: {done.stderr.strip()[-500:]}")
-    found = shutil.which("wrk")
+    found = shutil.which(binary)
     if not found:
-        raise LoadgenError("apt-get installed wrk but it is still not on PATH")
+        raise LoadgenError(f"apt-get installed {package} but {binary} is still not on PATH")
     return found
 
 

@@ -20,7 +20,7 @@ LABELS = {
     "kserve": "KServe ModelServer",
     "mserve-json": "mserve, JSON",
     "mserve-bin": "mserve, binary tensors",
-    "mserve-grpc": "mserve, gRPC (raw tensors; Python client)",
+    "mserve-grpc": "mserve, gRPC (raw tensors; h2load)",
 }
 INTRO = """# Benchmarks
 

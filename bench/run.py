@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import grpc_load
 import loadgen
 import models
 import payloads
@@ -32,7 +33,6 @@ WORK = Path(__file__).parent / ".work"
 MATRIX = {"tiny": (1, 32), "mlp": (1, 32, 64)}
 HERE = Path(__file__).parent
 CONTENDERS = ("inproc", "fastapi", "kserve", "mserve-json", "mserve-bin", "mserve-grpc")
-GRPC_CELLS = {("mlp", 32)}  # the gRPC client is Python: measured where the issue asks
 SERVERS = {"fastapi": ("fastapi_server.py", "/v2/health/ready"),
            "kserve": ("kserve_server.py", "/v2/models/{name}/ready")}
 
@@ -76,6 +76,9 @@ class Ctx:
     bodies: dict[tuple[str, str], payloads.Body] = field(default_factory=dict)
     mserve: dict[str, Endpoint] = field(default_factory=dict)
     revision: str = ""  # the checkout's commit when the run started
+    inputs: dict[str, object] = field(default_factory=dict)  # model -> the request's x
+    h2load: str | None = None  # the gRPC load generator, or why it is missing:
+    h2load_error: str = ""
 
 
 def parse_args(argv: list[str]) -> Plan:
@@ -124,7 +127,7 @@ def prepare_bodies(ctx: Ctx) -> dict[str, object]:
     """Write each model's JSON and binary bodies; the expected answers, by model."""
     expected = {}
     for model in ctx.plan.models:
-        x = models.sample_input(model)
+        x = ctx.inputs[model] = models.sample_input(model)
         expected[model] = models.reference(model, x)
         ctx.bodies[model, "json"] = payloads.json_body(x, WORK / f"{model}.json")
         ctx.bodies[model, "bin"] = payloads.binary_body(x, WORK / f"{model}.bin")
@@ -174,27 +177,32 @@ def measure(ctx: Ctx, row: Row, target: Endpoint, body: payloads.Body, expected)
     return row
 
 
-def measure_grpc(ctx: Ctx, row: Row, target: Endpoint) -> Row:
-    """mserve's gRPC service under bench/grpc_load.py (multi-process Python client)."""
-    if (row.model, row.conc) not in GRPC_CELLS:
-        row.note = "n/a (gRPC is measured at mlp c=32)"
+def measure_grpc(ctx: Ctx, row: Row, target: Endpoint, expected) -> Row:
+    """mserve's gRPC service (raw tensors) under h2load: one checked call, then warm-up +
+    measured runs (the quietest kept) into ``row``."""
+    if ctx.h2load is None:
+        row.note = f"⚠ not run: {ctx.h2load_error}"
         return row
-    command = [sys.executable, str(HERE / "grpc_load.py"), target.grpc, row.model,
-               str(models.SPECS[row.model].features), str(row.conc)]
+    x = ctx.inputs[row.model]
+    message = grpc_load.request_message(row.model, x)
+    wrong = grpc_load.check_answer(target.grpc, message, expected)
+    if wrong:
+        row.note = f"⚠ not run: {wrong}"
+        return row
+    body = WORK / f"{row.model}.grpc"
+    body.write_bytes(grpc_load.frame(message))
 
-    def attempt(seconds: float) -> dict:
-        out = subprocess.run(command + [str(seconds)], capture_output=True, text=True,
-                             timeout=seconds + 60, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+    def attempt(seconds: float) -> grpc_load.GrpcResult:
+        return grpc_load.run_h2load(ctx.h2load, target.grpc, body, row.conc, seconds,
+                                    f"{target.url}/metrics")
     try:
         got, row.background = quietest(ctx, [target.pid], lambda: attempt(ctx.plan.duration),
                                        lambda: attempt(ctx.plan.warmup))
-    except (subprocess.SubprocessError, ValueError) as exc:
-        row.note = f"⚠ gRPC load failed: {exc}"
+    except (loadgen.LoadgenError, subprocess.TimeoutExpired, OSError) as exc:
+        row.note = f"⚠ h2load failed: {exc}"
         return row
-    row.rps, row.p50_ms, row.p99_ms = got["rps"], got["p50_ms"], got["p99_ms"]
-    row.errors = got["errors"]
-    row.error_text = str(got["errors"])
+    row.rps, row.p50_ms, row.p99_ms, row.errors = got.rps, got.p50_ms, got.p99_ms, got.errors
+    row.error_text = str(got.errors)
     print(f"  {row.model:5} c={row.conc:<3} {row.contender:12} {row.rps:9.0f} req/s  "
           f"p50 {report.fmt_ms(row.p50_ms):>9}  p99 {report.fmt_ms(row.p99_ms):>9}  "
           f"errors {row.error_text}  other CPU {row.background:.0%}", flush=True)
@@ -255,7 +263,7 @@ def bench_model(ctx: Ctx, model: str, expected) -> list[Row]:
                     rows.append(row)
                     continue
                 if contender == "mserve-grpc":
-                    rows.append(measure_grpc(ctx, row, target))
+                    rows.append(measure_grpc(ctx, row, target, expected[model]))
                     continue
                 kind = "bin" if contender == "mserve-bin" else "json"
                 rows.append(measure(ctx, row, target, ctx.bodies[model, kind], expected[model]))
@@ -319,6 +327,11 @@ def main(argv: list[str]) -> int:
     ctx = Ctx(plan, wrk, servers.ensure_venv(), models.build_all(WORK, plan.models),
               revision=summary.revision())
     expected, extras = prepare_bodies(ctx), targets.Extras()
+    if "mserve-grpc" in plan.contenders:
+        try:
+            ctx.h2load = grpc_load.ensure_h2load()
+        except loadgen.LoadgenError as exc:
+            ctx.h2load_error = str(exc)
     load = loadgen.background_load(1.0)
     if load > loadgen.BUSY:
         print(f"warning: other processes use {load:.0%} of the CPUs: figures will be "

@@ -78,8 +78,7 @@ def judge(rows: list[Row], extras: Extras) -> list[Verdict]:
                       ("mlp", 1, json_), ("mlp", 1, base), "p50_ms", 0.5, False),
         _ratio_target(rows, "mlp c=32, mserve binary req/s ≥ 1.3× mserve JSON",
                       ("mlp", 32, binary), ("mlp", 32, json_), "rps", 1.3, True),
-        _ratio_target(rows, "mlp c=32, mserve gRPC req/s ≥ 1.3× mserve HTTP JSON (gRPC client "
-                      "is Python, HTTP's is wrk)",
+        _ratio_target(rows, "mlp c=32, mserve gRPC req/s (h2load) ≥ 1.3× mserve HTTP JSON (wrk)",
                       ("mlp", 32, "mserve-grpc"), ("mlp", 32, json_), "rps", 1.3, True),
     ]
     cli = None

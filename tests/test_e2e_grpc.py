@@ -436,6 +436,23 @@ def test_undeploy_drains_calls_in_flight(shared, model_dir):
     c.close()
 
 
+def test_a_cancelled_call_counts_as_cancelled_not_failed(shared, model_dir):
+    d = shared.json("deploy", models.slow(model_dir / "gcancel.onnx"), "--name",
+                    "gcancel")["deployment"]
+    c = client(d)
+    x, n = tg.InferInput("x", [1, 4], "FP32"), tg.InferInput("n", [], "INT64")
+    x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+    n.set_data_from_numpy(np.array(300_000, dtype=np.int64))  # about 0.2 s
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        c.infer("gcancel", [x, n], client_timeout=0.05)
+    c.close()
+    wanted = 'mserve_requests_total{code="499",outcome="cancelled",version="1"} 1.0'
+    wait_for(lambda: wanted in httpx.get(d["url"] + "/metrics").text,
+             what="the cancelled call in the metrics")
+    assert 'outcome="failure"' not in httpx.get(d["url"] + "/metrics").text
+    shared.ok("undeploy", "gcancel")
+
+
 def test_predict_grpc(served, shared):
     mapping = json.dumps({"a": [[1, 2, 3]], "b": [[4, 5, 6]]})
     over_http = shared.json("predict", "gmixed", "-", input=mapping)

@@ -32,6 +32,7 @@ from mserve.daemon.worker.runtime import LoadedModel
 
 log = logging.getLogger("mserve.worker")
 JSON = [(b"content-type", b"application/json")]
+CANCELLED = 499  # the status recorded for a call its client cancelled (nginx's convention)
 V2_MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+)"
                       r"|/labels/(?P<label>[^/]+))?(?P<op>/ready|/infer|/stats)?")
 V1_MODEL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)"
@@ -177,6 +178,9 @@ class Serving:
             yield call
         except MserveError as exc:
             call.status, call.error = exc.status, exc.message
+            raise
+        except asyncio.CancelledError:  # a gRPC client cancelled or went away
+            call.status, call.error = CANCELLED, "the client cancelled the call"
             raise
         finally:
             self.record(call)

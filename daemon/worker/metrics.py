@@ -23,7 +23,7 @@ class Metrics:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=registry, namespace="mserve")
         self.requests = Counter(
-            "mserve_requests", "Inference requests by version, outcome and HTTP status.",
+            "mserve_requests", "Inference requests by version, outcome and HTTP status (499: cancelled by the client).",
             ["version", "outcome", "code"], registry=registry)
         self.latency = Histogram(
             "mserve_request_duration_seconds", "Inference request latency, body read to answer.",
@@ -54,7 +54,7 @@ class Metrics:
         key = (version, status)
         children = self._children.get(key)
         if children is None:  # label lookups are slow: one per (version, status), cached
-            outcome = "success" if status < 400 else "failure"
+            outcome = "success" if status < 400 else "cancelled" if status == 499 else "failure"
             children = self._children[key] = (self.requests.labels(version, outcome, str(status)),
                                                self.latency.labels(version))
         children[0].inc()
