@@ -46,6 +46,14 @@ How fast mserve serves a model compared with what a user would otherwise run, me
   own venv, `bench/.venv`, with the project venv's onnxruntime and numpy versions.
 - mserve is deployed through its own CLI (`mserve deploy`, default options) in a fresh
   `MSERVE_HOME`, and measured with JSON tensors and with Triton's binary tensor extension.
+- gRPC (issue 7): mserve's gRPC service with raw tensors, driven by `h2load` (nghttp2's HTTP/2
+  load generator, in C; Debian package nghttp2-client, installed by the harness when missing;
+  `bench/grpc_load.py`). A unary gRPC call is an HTTP/2 POST with a length-prefixed protobuf
+  body, which h2load sends on each stream (`-c C -m 1`: one connection per concurrent call,
+  closed loop, like wrk); ghz itself does not install from this machine's registries. h2load
+  sees HTTP statuses only, so one call is first checked with a real gRPC client against numpy,
+  and the server's own failure counter is read before and after each run and added to the
+  row's errors.
 - For each model every server is up; for each concurrency `c` (keep-alive connections) the
   contenders run back to back, each with a warm-up run then a measured run. wrk uses 1 thread
   at c=1 and 2 threads otherwise.

@@ -416,13 +416,19 @@ def test_no_failed_call_across_deploy_and_rollback_under_load(shared, affine_v1,
     shared.ok("undeploy", "gload")
 
 
-def test_undeploy_drains_calls_in_flight(shared, model_dir):
-    d = shared.json("deploy", models.slow(model_dir / "gslow.onnx"), "--name",
-                    "gslow")["deployment"]
-    c = client(d)
+def slow_deployment(shared, model_dir, name: str, iterations: int):
+    """Deploy the Loop model as ``name``: (deployment, client, inputs of a call that runs
+    ``iterations`` empty iterations, about 0.6 µs each)."""
+    d = shared.json("deploy", models.slow(model_dir / f"{name}.onnx"), "--name",
+                    name)["deployment"]
     x, n = tg.InferInput("x", [1, 4], "FP32"), tg.InferInput("n", [], "INT64")
     x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
-    n.set_data_from_numpy(np.array(1_000_000, dtype=np.int64))
+    n.set_data_from_numpy(np.array(iterations, dtype=np.int64))
+    return d, client(d), [x, n]
+
+
+def test_undeploy_drains_calls_in_flight(shared, model_dir):
+    d, c, (x, n) = slow_deployment(shared, model_dir, "gslow", 1_000_000)
     answer = {}
     caller = threading.Thread(target=lambda: answer.update(y=c.infer("gslow", [x, n])))
     caller.start()
@@ -437,14 +443,9 @@ def test_undeploy_drains_calls_in_flight(shared, model_dir):
 
 
 def test_a_cancelled_call_counts_as_cancelled_not_failed(shared, model_dir):
-    d = shared.json("deploy", models.slow(model_dir / "gcancel.onnx"), "--name",
-                    "gcancel")["deployment"]
-    c = client(d)
-    x, n = tg.InferInput("x", [1, 4], "FP32"), tg.InferInput("n", [], "INT64")
-    x.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
-    n.set_data_from_numpy(np.array(300_000, dtype=np.int64))  # about 0.2 s
+    d, c, inputs = slow_deployment(shared, model_dir, "gcancel", 300_000)  # about 0.2 s
     with pytest.raises(InferenceServerException, match="Deadline"):
-        c.infer("gcancel", [x, n], client_timeout=0.05)
+        c.infer("gcancel", inputs, client_timeout=0.05)
     c.close()
     wanted = 'mserve_requests_total{code="499",outcome="cancelled",version="1"} 1.0'
     wait_for(lambda: wanted in httpx.get(d["url"] + "/metrics").text,
