@@ -23,12 +23,14 @@ class FakeModel:
         self.batchable = batchable
         self.size_bound = size_bound
         self.runs: list[int] = []
+        self.sessions_used: set[int] = set()
         self.threads: set[str] = set()
         self.sleep_s = sleep_s
 
     def run(self, feeds, names, session=None):
         x = feeds["x"]
         self.runs.append(len(x))
+        self.sessions_used.add(session)
         self.threads.add(threading.current_thread().name)
         time.sleep(self.sleep_s)
         if (x == -1).any():
@@ -146,11 +148,11 @@ def test_a_lone_request_on_a_cheap_size_bound_model_runs_inline():
     run(main())
 
 
-@pytest.mark.parametrize("why", ["value-bound", "slow", "busy"])
+@pytest.mark.parametrize("why", ["value-bound", "slow", "busy", "batch delay"])
 def test_no_inline_run_for_value_bound_or_slow_models_or_when_others_wait(why):
     async def main():
         model = FakeModel(size_bound=why != "value-bound", sleep_s=0.003 if why == "slow" else 0)
-        batcher = make(model)
+        batcher = make(model, batch_delay_ms=1 if why == "batch delay" else None)
         x = np.ones((1, 2), np.float32)
         await batcher.submit({"x": x}, ["y"], alone=True)  # calibrates the cost
         if why == "busy":
@@ -163,4 +165,17 @@ def test_no_inline_run_for_value_bound_or_slow_models_or_when_others_wait(why):
         if why == "busy":
             await other
         assert "MainThread" not in model.threads and inline_count(batcher) == 0
+    run(main())
+
+
+def test_every_session_runner_wakes_for_work():
+    """With two sessions both runners take work (they share one wake-up)."""
+    async def main():
+        model = FakeModel(batchable=False, sleep_s=0.02)
+        model.sessions = [object(), object()]
+        batcher = make(model)
+        for _ in range(2):  # both runners idle, then woken again
+            results = await burst(batcher, [np.ones((1, 2), np.float32)] * 4)
+            assert all(not isinstance(r, BaseException) for r in results)
+        assert model.sessions_used == {0, 1}
     run(main())

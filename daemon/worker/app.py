@@ -8,7 +8,6 @@ Prometheus ``/metrics``. Every error is ``{"error": ...}`` with the status of it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -171,19 +170,9 @@ class Serving:
         arrays = await self.run(model, feeds, [o.name for o in wanted], call, alone)
         return list(zip(wanted, arrays))
 
-    @contextlib.contextmanager
-    def recorded(self, call: Call):
-        """Record ``call`` however it ends; an MserveError sets its status and error."""
-        try:
-            yield call
-        except MserveError as exc:
-            call.status, call.error = exc.status, exc.message
-            raise
-        except asyncio.CancelledError:  # a gRPC client cancelled or went away
-            call.status, call.error = CANCELLED, "the client cancelled the call"
-            raise
-        finally:
-            self.record(call)
+    def recorded(self, call: Call) -> Recorded:
+        """A context that records ``call`` however it ends (see Recorded)."""
+        return Recorded(self, call)
 
     def record(self, call: Call) -> None:
         """Count a finished inference request everywhere it is counted."""
@@ -199,6 +188,27 @@ class Serving:
     def statistics(self, version: int | None) -> list[dict]:
         chosen = [version] if version is not None else sorted(self.stats)
         return [self.stats[n].to_json(self.name, n) for n in chosen if n in self.stats]
+
+
+class Recorded:
+    """Records a call when its block ends: an MserveError sets its status and error, a
+    cancellation (a gRPC client gone) 499. A class rather than a generator context manager:
+    it runs on every request."""
+
+    __slots__ = ("serving", "call")
+
+    def __init__(self, serving: Serving, call: Call):
+        self.serving, self.call = serving, call
+
+    def __enter__(self) -> Call:
+        return self.call
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if isinstance(exc, MserveError):
+            self.call.status, self.call.error = exc.status, exc.message
+        elif isinstance(exc, asyncio.CancelledError):
+            self.call.status, self.call.error = CANCELLED, "the client cancelled the call"
+        self.serving.record(self.call)
 
 
 class WorkerApp:

@@ -11,7 +11,8 @@ batcher. Past ``max_queue`` waiting requests the worker answers 503 at once.
 Runs happen in a thread (ONNX Runtime releases the GIL), with one exception: a request that
 is alone (no other request waiting in the worker, none in this batcher) runs on the event
 loop when the model is size-bound (graphscan.py: its run time cannot depend on input values)
-and its measured cost predicts under ``INLINE_MAX_S`` for this request's size. That saves
+and its measured cost predicts under ``INLINE_MAX_S`` for this request's size, unless a
+``batch_delay_ms`` asks requests to wait for company. That saves
 the two thread hand-offs (about 0.1-0.15 ms on a small machine) for a lone client, and can
 stall nothing for longer than that bound: nothing else was waiting, and a model whose run
 time depends on values (a Loop, a Range) always runs in the thread.
@@ -66,7 +67,10 @@ class Batcher:
         self.pending: deque[Job] = deque()
         self.inflight = 0  # submitted and not answered
         self.cost: float | None = None  # seconds per input element, moving average of runs
-        self._wakeup = asyncio.Event()
+        # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() (and so
+        # every asyncio.Event.wait) costs a getpid() system call, 10 % of a busy worker here.
+        self.loop = asyncio.get_running_loop()
+        self._idle: asyncio.Future | None = None  # what an idle runner awaits
         self._closing = False
         self._runners = [asyncio.create_task(self._runner(i)) for i in range(len(model.sessions))]
 
@@ -81,20 +85,21 @@ class Batcher:
             raise Overloaded(f"the deployment is overloaded ({self.max_queue} requests queued); "
                              "retry shortly")
         job = Job(feeds, names, _rows(feeds), self._key(feeds, names),
-                  asyncio.get_running_loop().create_future(), call)
+                  self.loop.create_future(), call)
         self.pending.append(job)
         self.inflight += 1
-        self.metrics.queue_depth.inc()
-        self._wakeup.set()
+        self.metrics.depth += 1
+        self._wake()
         try:
             return await job.future
         finally:
             self.inflight -= 1
-            self.metrics.queue_depth.dec()
+            self.metrics.depth -= 1
 
     def _cheap(self, feeds: dict[str, np.ndarray]) -> bool:
+        """A run on these inputs is predicted under INLINE_MAX_S (size-bound models only)."""
         return (self.model.size_bound and self.cost is not None and not self._closing
-                and self.cost * _elements([feeds]) <= INLINE_MAX_S)
+                and not self.delay and self.cost * _elements([feeds]) <= INLINE_MAX_S)
 
     def _run_inline(self, job: Job) -> list[np.ndarray]:
         self.metrics.inline_runs.inc()
@@ -112,7 +117,11 @@ class Batcher:
     def close(self) -> None:
         """Finish what is queued, then stop the runners."""
         self._closing = True
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     def _key(self, feeds: dict[str, np.ndarray], names: list[str]) -> tuple | None:
         if self.max_batch == 1 or any(a.ndim == 0 for a in feeds.values()) \
@@ -140,13 +149,14 @@ class Batcher:
         return batch
 
     async def _runner(self, session: int) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while True:
             if not self.pending:
                 if self._closing:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                if self._idle is None or self._idle.done():  # shared by every idle runner
+                    self._idle = loop.create_future()
+                await self._idle
                 continue
             if self.delay and self.pending[0].key is not None \
                     and sum(j.rows for j in self.pending) < self.max_batch:
