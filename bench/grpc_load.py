@@ -17,8 +17,10 @@ increase is added to h2load's failed streams as the row's errors.
 from __future__ import annotations
 
 import shutil
+import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -88,9 +90,10 @@ def server_failures(metrics_url: str) -> float:
 
 
 def run_h2load(h2load: str, target: str, body: Path, connections: int, seconds: float,
-               metrics_url: str) -> GrpcResult:
-    """``seconds`` of closed-loop unary calls on ``connections`` connections."""
-    before = server_failures(metrics_url)
+               metrics_url: str | None) -> GrpcResult:
+    """``seconds`` of closed-loop unary calls on ``connections`` connections (with
+    ``metrics_url``, the server's failures during the run count as errors)."""
+    before = server_failures(metrics_url) if metrics_url else 0
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "requests.tsv"
         cmd = [h2load, "-D", f"{seconds:g}", "-c", str(connections), "-m", "1", "-t",
@@ -102,7 +105,7 @@ def run_h2load(h2load: str, target: str, body: Path, connections: int, seconds: 
             raise LoadgenError(f"h2load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         durations = _durations_ms(log)
     failed = _failed(done.stdout)
-    errors = failed + int(server_failures(metrics_url) - before)
+    errors = failed + (int(server_failures(metrics_url) - before) if metrics_url else 0)
     if not len(durations):
         raise LoadgenError(f"h2load completed no call:\n{done.stdout[-1000:]}")
     return GrpcResult(rps=len(durations) / seconds,
@@ -125,3 +128,46 @@ def _failed(out: str) -> int:
             return sum(int(words[i - 1]) for i, w in enumerate(words)
                        if w in ("failed", "errored", "timeout"))
     raise LoadgenError(f"unreadable h2load output:\n{out[-1000:]}")
+
+
+class Floor:
+    """bench/grpc_floor.py on a free port, answering ``expected`` for ``model``, as a context
+    manager: ``target`` (host:port) and ``pid`` while it runs."""
+
+    def __init__(self, model: str, expected: np.ndarray, work: Path):
+        from mserve.daemon.worker.proto import grpc_service_pb2 as pb
+
+        answer = pb.ModelInferResponse(model_name=model, model_version="1")
+        answer.outputs.add(name="y", datatype="FP32", shape=list(expected.shape))
+        answer.raw_output_contents.append(expected.astype("<f4").tobytes())
+        self.answer_file = work / f"{model}.floor-answer"
+        self.answer_file.write_bytes(answer.SerializeToString())
+        self.proc: subprocess.Popen | None = None
+        self.target = ""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def __enter__(self) -> Floor:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "grpc_floor.py"), str(port),
+             str(self.answer_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # "ready", or EOF when it failed
+        if line.strip() != "ready":
+            self.__exit__()
+            raise LoadgenError(f"the gRPC floor server did not start: {line.strip()}")
+        self.target = f"127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -21,6 +21,7 @@ LABELS = {
     "mserve-json": "mserve, JSON",
     "mserve-bin": "mserve, binary tensors",
     "mserve-grpc": "mserve, gRPC (raw tensors; h2load)",
+    "grpc-floor": "gRPC floor: bare grpc.aio, fixed answer, no model (h2load)",
 }
 INTRO = """# Benchmarks
 

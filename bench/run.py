@@ -32,7 +32,8 @@ from report import Row
 WORK = Path(__file__).parent / ".work"
 MATRIX = {"tiny": (1, 32), "mlp": (1, 32, 64)}
 HERE = Path(__file__).parent
-CONTENDERS = ("inproc", "fastapi", "kserve", "mserve-json", "mserve-bin", "mserve-grpc")
+CONTENDERS = ("inproc", "fastapi", "kserve", "mserve-json", "mserve-bin", "mserve-grpc",
+              "grpc-floor")
 SERVERS = {"fastapi": ("fastapi_server.py", "/v2/health/ready"),
            "kserve": ("kserve_server.py", "/v2/models/{name}/ready")}
 
@@ -178,7 +179,7 @@ def measure(ctx: Ctx, row: Row, target: Endpoint, body: payloads.Body, expected)
 
 
 def measure_grpc(ctx: Ctx, row: Row, target: Endpoint, expected) -> Row:
-    """mserve's gRPC service (raw tensors) under h2load: one checked call, then warm-up +
+    """A gRPC service (mserve's, or the floor) under h2load: one checked call, then warm-up +
     measured runs (the quietest kept) into ``row``."""
     if ctx.h2load is None:
         row.note = f"⚠ not run: {ctx.h2load_error}"
@@ -194,7 +195,7 @@ def measure_grpc(ctx: Ctx, row: Row, target: Endpoint, expected) -> Row:
 
     def attempt(seconds: float) -> grpc_load.GrpcResult:
         return grpc_load.run_h2load(ctx.h2load, target.grpc, body, row.conc, seconds,
-                                    f"{target.url}/metrics")
+                                    f"{target.url}/metrics" if target.url else None)
     try:
         got, row.background = quietest(ctx, [target.pid], lambda: attempt(ctx.plan.duration),
                                        lambda: attempt(ctx.plan.warmup))
@@ -230,8 +231,10 @@ def inprocess_rows(ctx: Ctx, model: str) -> list[Row]:
     return rows
 
 
-def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack) -> dict[str, Endpoint]:
-    """Start the FastAPI and KServe servers for ``model``; every HTTP contender's endpoint."""
+def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack,
+                  expected) -> dict[str, Endpoint]:
+    """Start the FastAPI and KServe servers and the gRPC floor for ``model``; every
+    contender's endpoint."""
     found = {}
     for contender, (script, ready) in SERVERS.items():
         if contender not in ctx.plan.contenders:
@@ -245,6 +248,12 @@ def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack) -> dict[str
             found[contender] = Endpoint(server.url, server.proc.pid)
         except servers.ServerError as exc:
             found[contender] = Endpoint(error=f"{contender} did not start: {exc}")
+    if "grpc-floor" in ctx.plan.contenders:
+        try:
+            floor = stack.enter_context(grpc_load.Floor(model, expected, WORK))
+            found["grpc-floor"] = Endpoint(pid=floor.pid, grpc=floor.target)
+        except (loadgen.LoadgenError, OSError) as exc:
+            found["grpc-floor"] = Endpoint(error=str(exc))
     deployed = ctx.mserve.get(model, Endpoint(error="mserve deployment missing"))
     found["mserve-json"] = found["mserve-bin"] = found["mserve-grpc"] = deployed
     return found
@@ -254,7 +263,7 @@ def bench_model(ctx: Ctx, model: str, expected) -> list[Row]:
     """Every cell of ``model``: per concurrency, the contenders back to back."""
     rows = inprocess_rows(ctx, model) if "inproc" in ctx.plan.contenders else []
     with contextlib.ExitStack() as stack:
-        endpoints = start_servers(ctx, model, stack)
+        endpoints = start_servers(ctx, model, stack, expected[model])
         for conc in ctx.plan.cells(model):
             for contender in [c for c in ctx.plan.contenders if c != "inproc"]:
                 row, target = Row(model, conc, contender), endpoints[contender]
@@ -262,7 +271,7 @@ def bench_model(ctx: Ctx, model: str, expected) -> list[Row]:
                     row.note = f"⚠ not run: {target.error}"
                     rows.append(row)
                     continue
-                if contender == "mserve-grpc":
+                if contender in ("mserve-grpc", "grpc-floor"):
                     rows.append(measure_grpc(ctx, row, target, expected[model]))
                     continue
                 kind = "bin" if contender == "mserve-bin" else "json"
@@ -327,7 +336,7 @@ def main(argv: list[str]) -> int:
     ctx = Ctx(plan, wrk, servers.ensure_venv(), models.build_all(WORK, plan.models),
               revision=summary.revision())
     expected, extras = prepare_bodies(ctx), targets.Extras()
-    if "mserve-grpc" in plan.contenders:
+    if {"mserve-grpc", "grpc-floor"} & set(plan.contenders):
         try:
             ctx.h2load = grpc_load.ensure_h2load()
         except loadgen.LoadgenError as exc:

@@ -127,6 +127,9 @@ class Batcher:
         if self.max_batch == 1 or any(a.ndim == 0 for a in feeds.values()) \
                 or len({a.shape[0] for a in feeds.values()}) > 1:
             return None
+        if len(feeds) == 1:  # the common case, without sorting
+            (name, array), = feeds.items()
+            return (tuple(names), name, array.dtype, array.shape[1:])
         return (tuple(names),) + tuple(sorted((k, a.dtype.str, a.shape[1:])
                                               for k, a in feeds.items()))
 

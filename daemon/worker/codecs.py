@@ -263,12 +263,19 @@ def _floats_to_int(label: str, datatype: str, raw: np.ndarray, data) -> np.ndarr
     return array
 
 
+# The smallest magnitude that rounds to infinity when cast down (the largest finite value
+# plus half a unit in the last place); JSON has no infinities, so reaching it is overflow.
+_OVERFLOW_AT = {"FP32": 2.0**128 - 2.0**103, "FP16": 65520.0}
+_MAX = np.maximum.reduce  # without ndarray.max's Python wrapper
+
+
 def _to_float(label: str, datatype: str, raw: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        array = raw.astype(DTYPES[datatype])
-    if datatype != "FP64" and np.isinf(array).any():  # JSON has no infinities, so this overflowed
+    # Checked before the cast, so the cast cannot overflow: cheaper on the hot path than an
+    # errstate block plus an isinf pass over the result.
+    limit = _OVERFLOW_AT.get(datatype)
+    if limit is not None and raw.size and _MAX(np.abs(raw), axis=None) >= limit:
         raise BadRequest(f"{label}: a value is out of range for {datatype}")
-    return array
+    return raw.astype(DTYPES[datatype])
 
 
 def _bytes_from_json(label: str, data, allow_b64: bool) -> np.ndarray:

@@ -150,13 +150,13 @@ class Servicer:
     def __init__(self, serving: Serving):
         self.s = serving
 
-    async def server_live(self, request, context):
+    async def server_live(self, request, context, headers):
         return pb.ServerLiveResponse(live=True)
 
-    async def server_ready(self, request, context):
+    async def server_ready(self, request, context, headers):
         return pb.ServerReadyResponse(ready=self.s.active is not None)
 
-    async def model_ready(self, request, context):
+    async def model_ready(self, request, context, headers):
         self.s.check_name(request.name)
         try:
             self.s.model(request.name, request.version or None)
@@ -164,17 +164,17 @@ class Servicer:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
-    async def server_metadata(self, request, context):
+    async def server_metadata(self, request, context, headers):
         return pb.ServerMetadataResponse(**SERVER_METADATA)
 
-    async def model_metadata(self, request, context):
+    async def model_metadata(self, request, context, headers):
         s = self.s
         model = s.model(request.name, request.version or None)
         meta = codecs.model_metadata(s.name, [str(n) for n in sorted(s.models)],
                                      model.inputs, model.outputs)
         return json_format.ParseDict(meta, pb.ModelMetadataResponse())
 
-    async def model_statistics(self, request, context):
+    async def model_statistics(self, request, context, headers):
         s = self.s
         if not request.name:  # every model this port serves: this one
             docs = s.statistics(None)
@@ -184,17 +184,17 @@ class Servicer:
         return json_format.ParseDict({"model_stats": docs}, pb.ModelStatisticsResponse(),
                                      ignore_unknown_fields=True)
 
-    async def model_infer(self, raw: bytes, context) -> bytes:
+    async def model_infer(self, raw: bytes, context, headers: dict[str, str]) -> bytes:
         """Raw bytes in and out: the sizes go to the request log, and a message that does
         not parse is INVALID_ARGUMENT rather than a transport error."""
         s = self.s
-        call = Call(started=time.perf_counter(), request_id=_metadata(context, "x-request-id"),
+        call = Call(started=time.perf_counter(), request_id=headers.get("x-request-id"),
                     client=_peer(context))
         try:
             msg = pb.ModelInferRequest.FromString(raw)
         except DecodeError:
             raise BadRequest("the request is not a valid ModelInferRequest message") from None
-        model = s.model(msg.model_name, msg.model_version or None, None, _headers(context))
+        model = s.model(msg.model_name, msg.model_version or None, None, headers)
         call.version = model.number
         with s.recorded(call):
             call.bytes_in = len(raw)
@@ -208,9 +208,10 @@ class Servicer:
         """``method`` behind the token check (unless open) and the error mapping."""
         async def handle(request, context):
             try:
+                headers = _headers(context)  # read once: each read builds the metadata anew
                 if not open_:
-                    self.s.authorize(_metadata(context, "authorization"))
-                return await method(request, context)
+                    self.s.authorize(headers.get("authorization"))
+                return await method(request, context, headers)
             except MserveError as exc:
                 await context.abort(status_code(exc), exc.message)
             except Exception:
@@ -240,15 +241,8 @@ def _serialize(message) -> bytes:
     return message.SerializeToString()
 
 
-def _metadata(context, key: str) -> str | None:
-    for item in context.invocation_metadata() or ():
-        if item.key == key and isinstance(item.value, str):
-            return item.value
-    return None
-
-
 def _headers(context) -> dict[str, str]:
-    """The call's text metadata as headers, for routing that reads them (sticky splits)."""
+    """The call's text metadata as headers (token, request id, sticky splits)."""
     return {item.key: item.value for item in context.invocation_metadata() or ()
             if isinstance(item.value, str)}
 
