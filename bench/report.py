@@ -55,6 +55,10 @@ How fast mserve serves a model compared with what a user would otherwise run, me
   sees HTTP statuses only, so one call is first checked with a real gRPC client against numpy,
   and the server's own failure counter is read before and after each run and added to the
   row's errors.
+- gRPC floor: `bench/grpc_floor.py`, a bare `grpc.aio` server (uvloop, like mserve's worker)
+  whose ModelInfer returns a fixed, pre-serialized answer: no model, no parsing, no batching,
+  no accounting, under the same h2load. It shows what grpcio's asyncio server costs per call
+  on this machine: no Python gRPC service built on it can answer faster.
 - For each model every server is up; for each concurrency `c` (keep-alive connections) the
   contenders run back to back, each with a warm-up run then a measured run. wrk uses 1 thread
   at c=1 and 2 threads otherwise.
