@@ -125,7 +125,7 @@ def test_requests_that_are_not_alone_run_in_a_thread():
 
 
 def inline_count(batcher) -> float:
-    return batcher.metrics.inline_runs._value.get()
+    return batcher.metrics.inline_runs
 
 
 def test_a_lone_request_on_a_cheap_size_bound_model_runs_inline():

@@ -21,6 +21,9 @@ def test_loop_counters_and_histograms_render_as_prometheus_families():
     m.observe_request("2", 400, 0.5)
     m.observe_request("2", 499, 0.5)
     m.queue_time.observe(0.004)
+    m.batch_size.observe(3)
+    m.inference_time.observe(0.002)
+    m.inline_runs += 2
     got = samples(m)
     ok = (("code", "200"), ("outcome", "success"), ("version", "2"))
     assert got["mserve_requests_total", ok] == 4
@@ -43,3 +46,7 @@ def test_loop_counters_and_histograms_render_as_prometheus_families():
     assert bucket("mserve_queue_duration_seconds", "0.0025") == 0
     assert bucket("mserve_queue_duration_seconds", "0.005") == 1
     assert got["mserve_queue_depth", ()] == 0
+    assert bucket("mserve_batch_size", "2.0") == 0 and bucket("mserve_batch_size", "4.0") == 1
+    assert bucket("mserve_inference_duration_seconds", "0.0025") == 1
+    assert got["mserve_inference_duration_seconds_count", ()] == 1
+    assert got["mserve_inline_runs_total", ()] == 2

@@ -102,10 +102,10 @@ class Batcher:
                 and not self.delay and self.cost * _elements([feeds]) <= INLINE_MAX_S)
 
     def _run_inline(self, job: Job) -> list[np.ndarray]:
-        self.metrics.inline_runs.inc()
-        started = self._starting([job])
-        result = self._execute([job], 0)[0]
-        self._finished([job], started)
+        self.metrics.inline_runs += 1
+        self._starting([job])
+        (result,), seconds = self._execute([job], 0)
+        self._finished([job], seconds)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -165,9 +165,10 @@ class Batcher:
                     and sum(j.rows for j in self.pending) < self.max_batch:
                 await asyncio.sleep(self.delay)
             batch = self._take()
-            started = self._starting(batch)
-            results = await loop.run_in_executor(self.executor, self._execute, batch, session)
-            self._finished(batch, started)
+            self._starting(batch)
+            results, seconds = await loop.run_in_executor(self.executor, self._execute, batch,
+                                                          session)
+            self._finished(batch, seconds)
             for job, result in zip(batch, results):
                 if job.future.done():
                     continue
@@ -176,8 +177,8 @@ class Batcher:
                 else:
                     job.future.set_result(result)
 
-    def _starting(self, batch: list[Job]) -> float:
-        """Account the queue time of a batch about to run; the start time."""
+    def _starting(self, batch: list[Job]) -> None:
+        """Account the queue time of a batch about to run."""
         started = time.perf_counter()
         for job in batch:
             waited = started - job.queued
@@ -185,33 +186,35 @@ class Batcher:
             self.stats.queue.add(waited)
             if job.call is not None:
                 job.call.queue_ms, job.call.batch = round(waited * 1000, 3), len(batch)
-        return started
 
-    def _finished(self, batch: list[Job], started: float) -> None:
-        seconds = time.perf_counter() - started
+    def _finished(self, batch: list[Job], seconds: float) -> None:
+        """Account a finished run of ``seconds`` (on the loop: the figures take no lock)."""
         self.metrics.batch_size.observe(len(batch))
+        self.metrics.inference_time.observe(seconds)
         self.stats.observe_run(len(batch), sum(j.rows for j in batch), seconds)
         per_element = seconds / max(1, _elements(j.feeds for j in batch))
         self.cost = per_element if self.cost is None else 0.8 * self.cost + 0.2 * per_element
 
-    def _execute(self, batch: list[Job], session: int) -> list:
-        """One model run for the whole batch (in a thread); per-job results or exceptions."""
+    def _execute(self, batch: list[Job], session: int) -> tuple[list, float]:
+        """One model run for the whole batch (in a thread): per-job results or exceptions, and
+        the seconds it took."""
         start = time.perf_counter()
+        results = self._results(batch, session)
+        return results, time.perf_counter() - start
+
+    def _results(self, batch: list[Job], session: int) -> list:
+        if len(batch) == 1:
+            return [self._run_one(batch[0], session)]
+        merged = {k: np.concatenate([j.feeds[k] for j in batch]) for k in batch[0].feeds}
         try:
-            if len(batch) == 1:
-                return [self._run_one(batch[0], session)]
-            merged = {k: np.concatenate([j.feeds[k] for j in batch]) for k in batch[0].feeds}
-            try:
-                outputs = self.model.run(merged, batch[0].names, session)
-            except Exception:
-                return [self._run_one(job, session) for job in batch]  # find the bad one
-            total = sum(j.rows for j in batch)
-            if any(np.ndim(o) == 0 or len(o) != total for o in outputs):
-                return [self._run_one(job, session) for job in batch]  # not batch-major
-            bounds = np.cumsum([0] + [j.rows for j in batch])
-            return [[o[a:b] for o in outputs] for a, b in zip(bounds[:-1], bounds[1:])]
-        finally:
-            self.metrics.inference_time.observe(time.perf_counter() - start)
+            outputs = self.model.run(merged, batch[0].names, session)
+        except Exception:
+            return [self._run_one(job, session) for job in batch]  # find the bad one
+        total = sum(j.rows for j in batch)
+        if any(np.ndim(o) == 0 or len(o) != total for o in outputs):
+            return [self._run_one(job, session) for job in batch]  # not batch-major
+        bounds = np.cumsum([0] + [j.rows for j in batch])
+        return [[o[a:b] for o in outputs] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _run_one(self, job: Job, session: int):
         try:

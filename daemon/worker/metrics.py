@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
-                               generate_latest)
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -25,21 +24,16 @@ class Metrics:
     def __init__(self, deployment: str):
         self.registry = registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=registry, namespace="mserve")
-        # Per request, on the event loop only: plain counters, turned into metric families
-        # when scraped (prometheus-client's locked children cost ~5 % of a busy worker).
+        # Per request and per run, on the event loop only: plain counters, turned into metric
+        # families when scraped (prometheus-client's locked children cost ~5 % of a busy
+        # worker).
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[str, LoopHistogram] = {}
         self.queue_time = LoopHistogram()
+        self.inference_time = LoopHistogram()
+        self.batch_size = LoopHistogram(BATCH_BUCKETS)
+        self.inline_runs = 0
         registry.register(_LoopCollector(self))
-        self.inference_time = Histogram(
-            "mserve_inference_duration_seconds", "Duration of one session.run (one batch).",
-            buckets=LATENCY_BUCKETS, registry=registry)
-        self.batch_size = Histogram(
-            "mserve_batch_size", "Requests combined into one model run.",
-            buckets=BATCH_BUCKETS, registry=registry)
-        self.inline_runs = Counter(
-            "mserve_inline_runs", "Model runs made on the event loop for a lone request "
-            "(no thread hand-off).", registry=registry)
         self.queue_depth = Gauge(
             "mserve_queue_depth", "Requests waiting for or in a model run.", registry=registry)
         # Changed twice per request on the event loop: a plain int read at scrape time
@@ -71,22 +65,23 @@ class Metrics:
 
 
 class LoopHistogram:
-    """A latency histogram updated from the event loop only: plain ints, no lock."""
+    """A histogram updated from the event loop only: plain ints, no lock."""
 
-    __slots__ = ("counts", "sum")
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self):
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple = LATENCY_BUCKETS):
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.sum += seconds
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
     def buckets(self) -> list[tuple[str, int]]:
         """Cumulative (le, count) pairs, as the exposition format wants them."""
         total, out = 0, []
-        for bound, count in zip([*map(str, LATENCY_BUCKETS), "+Inf"], self.counts):
+        for bound, count in zip([*map(_le, self.bounds), "+Inf"], self.counts):
             total += count
             out.append((bound, total))
         return out
@@ -111,7 +106,23 @@ class _LoopCollector:
         for version, histogram in sorted(self.m.latency.items()):
             latency.add_metric([version], histogram.buckets(), histogram.sum)
         yield latency
-        queue = HistogramMetricFamily(
-            "mserve_queue_duration_seconds", "Time a request waited before its model run began.")
-        queue.add_metric([], self.m.queue_time.buckets(), self.m.queue_time.sum)
-        yield queue
+        for name, text, histogram in (
+                ("mserve_queue_duration_seconds",
+                 "Time a request waited before its model run began.", self.m.queue_time),
+                ("mserve_inference_duration_seconds", "Duration of one session.run (one batch).",
+                 self.m.inference_time),
+                ("mserve_batch_size", "Requests combined into one model run.",
+                 self.m.batch_size)):
+            family = HistogramMetricFamily(name, text)
+            family.add_metric([], histogram.buckets(), histogram.sum)
+            yield family
+        inline = CounterMetricFamily(
+            "mserve_inline_runs", "Model runs made on the event loop for a lone request "
+            "(no thread hand-off).")
+        inline.add_metric([], self.m.inline_runs)
+        yield inline
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as prometheus-client writes it (1 -> '1.0')."""
+    return str(float(bound))
