@@ -126,6 +126,26 @@ def test_keep_alive_and_pipelining_answer_in_order(server):
     conn.close()
 
 
+def test_reading_pauses_while_too_many_body_bytes_wait(server):
+    conn, buffer = connect(server.port), bytearray()
+    SLOW_STARTED.clear()
+    conn.sendall(post("/slow", b"") + post("/a", b"x" * LIMIT) + post("/b", b"y" * LIMIT))
+    assert SLOW_STARTED.wait(5)
+    (held,) = server.server.connections
+
+    def paused():
+        return held.paused and held.buffered > LIMIT
+
+    deadline = time.monotonic() + 5
+    while not paused() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert paused()
+    answers = [json.loads(read_response(conn, buffer)[2]) for _ in range(3)]
+    assert [(a["path"], a["size"]) for a in answers] == [("/slow", 0), ("/a", LIMIT),
+                                                          ("/b", LIMIT)]
+    assert not held.paused and held.buffered == 0
+
+
 def test_chunked_body_and_100_continue(server):
     conn, buffer = connect(server.port), bytearray()
     conn.sendall(b"POST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -3,7 +3,7 @@
 Each connection parses with httptools, buffers a request's body (refusing it with 413 as soon
 as it is known to exceed the limit), hands the whole ``Request`` to the app and writes the
 answer with one ``transport.write``. Requests on one connection are answered in order
-(pipelining works; reading pauses while too many wait). Keep-alive follows HTTP/1.1 rules,
+(pipelining works; reading pauses while too many requests, or too many body bytes, wait). Keep-alive follows HTTP/1.1 rules,
 idle connections close after ``keepalive_s``, ``Expect: 100-continue`` is honoured, and a
 request that does not parse gets 400 and the connection closes.
 
@@ -26,8 +26,7 @@ log = logging.getLogger("mserve.worker")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 32  # requests read ahead on one connection before reading pauses
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-           408: b"Request Timeout", 413: b"Content Too Large",
-           431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+           408: b"Request Timeout", 413: b"Content Too Large", 500: b"Internal Server Error",
            503: b"Service Unavailable"}
 JSON_TYPE = b"application/json"
 
@@ -108,6 +107,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.client: str | None = None
         self.waiting: deque[tuple[Request | Response, bool]] = deque()
+        self.buffered = 0  # body bytes of the requests in ``waiting``
         self.busy = self.closing = self.paused = False
         self.idle_timer: asyncio.TimerHandle | None = None
         self.last_seen = self.loop.time()
@@ -200,10 +200,12 @@ class Connection(asyncio.Protocol):
             request = Request(self.parser.get_method().decode("latin-1"), path,
                               self.headers, body, self.client)
             self.waiting.append((request, keep))
+            self.buffered += len(body)
             self.server.pending += 1
         self._reset()
-        if len(self.waiting) >= MAX_PIPELINED and not self.paused:
-            self.paused = True
+        if not self.paused and (len(self.waiting) >= MAX_PIPELINED
+                                or self.buffered > self.server.max_body):
+            self.paused = True  # a client far ahead of its answers waits in TCP, not here
             self.transport.pause_reading()
         if not self.busy:
             self.busy = True
@@ -215,6 +217,7 @@ class Connection(asyncio.Protocol):
             while self.waiting and not self.transport.is_closing():
                 item, keep = self.waiting.popleft()
                 if isinstance(item, Request):
+                    self.buffered -= len(item.body)
                     try:
                         status, headers, body = await self.server.handler(item)
                     finally:
@@ -229,7 +232,8 @@ class Connection(asyncio.Protocol):
                 if not keep:
                     self.transport.close()
                     return
-                if self.paused and len(self.waiting) < MAX_PIPELINED // 2:
+                if self.paused and len(self.waiting) < MAX_PIPELINED // 2 \
+                        and self.buffered <= self.server.max_body // 2:
                     self.paused = False
                     self.transport.resume_reading()
         finally:
