@@ -179,6 +179,15 @@ def test_body_over_the_limit_is_413_and_closes(server, chunked):
     other.close()
 
 
+def test_oversized_body_announced_with_100_continue_is_refused_before_it_is_sent(server):
+    conn, buffer = connect(server.port), bytearray()
+    conn.sendall(f"POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: {LIMIT * 10}\r\n"
+                 "expect: 100-continue\r\n\r\n".encode())
+    status, headers, _ = read_response(conn, buffer)  # no body sent: the answer still comes
+    assert status == 413 and headers["connection"] == "close"
+    assert closed(conn)
+
+
 @pytest.mark.parametrize("raw", [b"NONSENSE\r\n\r\n", b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
                                  b"GET / HTTP/1.1\r\nx: " + b"y" * 70000 + b"\r\n\r\n"])
 def test_malformed_request_is_400_and_closes(server, raw):

@@ -165,9 +165,13 @@ class Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         declared = self.headers.get("content-length")
+        expects = self.headers.get("expect", "").lower() == "100-continue"
         if declared is not None and declared.isdigit() and int(declared) > self.server.max_body:
             self._refuse_body()
-        elif self.headers.get("expect", "").lower() == "100-continue":
+            if expects:  # the client waits before sending the body: refuse it now
+                self.closing = True
+                self._answer_then_close(self.refused)
+        elif expects:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -245,9 +249,12 @@ class Connection(asyncio.Protocol):
     def _fail(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answer it (after those before it) and close."""
         self.closing = True
+        self._answer_then_close((status, [(b"content-type", JSON_TYPE)], error_body(message)))
+
+    def _answer_then_close(self, response: Response) -> None:
+        """Queue ``response`` after the requests before it; the connection then closes."""
         self.transport.pause_reading()
-        self.waiting.append(((status, [(b"content-type", JSON_TYPE)], error_body(message)),
-                             False))
+        self.waiting.append((response, False))
         if not self.busy:
             self.busy = True
             self.loop.create_task(self._answer_all())
