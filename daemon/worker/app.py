@@ -170,9 +170,11 @@ class Serving:
         arrays = await self.run(model, feeds, [o.name for o in wanted], call, alone)
         return list(zip(wanted, arrays))
 
-    def recorded(self, call: Call) -> Recorded:
-        """A context that records ``call`` however it ends (see Recorded)."""
-        return Recorded(self, call)
+    def recorded(self, call: Call, later: list[Call] | None = None) -> Recorded:
+        """A context that records ``call`` however it ends (see Recorded); with ``later``, the
+        call is appended there and recorded by whoever empties it (after the answer is sent,
+        so the client does not wait for the accounting)."""
+        return Recorded(self, call, later)
 
     def record(self, call: Call) -> None:
         """Count a finished inference request everywhere it is counted."""
@@ -195,10 +197,10 @@ class Recorded:
     cancellation (a gRPC client gone) 499. A class rather than a generator context manager:
     it runs on every request."""
 
-    __slots__ = ("serving", "call")
+    __slots__ = ("serving", "call", "later")
 
-    def __init__(self, serving: Serving, call: Call):
-        self.serving, self.call = serving, call
+    def __init__(self, serving: Serving, call: Call, later: list[Call] | None = None):
+        self.serving, self.call, self.later = serving, call, later
 
     def __enter__(self) -> Call:
         return self.call
@@ -208,7 +210,10 @@ class Recorded:
             self.call.status, self.call.error = exc.status, exc.message
         elif isinstance(exc, asyncio.CancelledError):
             self.call.status, self.call.error = CANCELLED, "the client cancelled the call"
-        self.serving.record(self.call)
+        if self.later is None:
+            self.serving.record(self.call)
+        else:
+            self.later.append(self.call)
 
 
 class WorkerApp:
@@ -217,6 +222,17 @@ class WorkerApp:
     def __init__(self, serving: Serving):
         self.s = serving
         self.http: HttpServer | None = None  # the server, to know whether others wait
+        self.unrecorded: list[Call] = []  # answered calls whose accounting waits (see after)
+
+    def after(self) -> None:
+        """Record the calls answered so far: the HTTP server calls this once an answer is
+        written, so counting, statistics and the request log cost the client no latency."""
+        calls, self.unrecorded = self.unrecorded, []
+        for call in calls:
+            try:
+                self.s.record(call)
+            except Exception:  # e.g. the request log's disk is full: the answer went out
+                log.exception("could not record a request")
 
     def _alone(self) -> bool:
         """No other request is waiting in this worker's HTTP server."""
@@ -299,7 +315,7 @@ class WorkerApp:
                     client=request.client, bytes_in=len(body))
         model = self.s.model(m["name"], m["version"], m["label"], request.headers)
         call.version = model.number
-        with self.s.recorded(call):
+        with self.s.recorded(call, self.unrecorded):
             if self.s.log.payloads:
                 call.payload_in = body
             out, headers = await handler(model, request, call)

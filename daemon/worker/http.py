@@ -70,9 +70,10 @@ class HttpServer:
     """Serves ``handler`` on a listening socket; ``drain`` to stop."""
 
     def __init__(self, handler: Handler, *, max_body: int, keepalive_s: float = 5.0,
-                 ssl=None):
+                 ssl=None, after: Callable[[], None] | None = None):
         self.handler, self.max_body, self.keepalive_s, self.ssl = (handler, max_body,
                                                                    keepalive_s, ssl)
+        self.after = after  # called once an answer is written (deferred accounting)
         self.connections: set[Connection] = set()
         self.pending = 0  # requests read and not answered yet, over all connections
         self.server: asyncio.AbstractServer | None = None
@@ -233,6 +234,8 @@ class Connection(asyncio.Protocol):
                     return
                 for chunk in encode(status, headers, body, close=not keep):
                     self.transport.write(chunk)
+                if self.server.after is not None:
+                    self.server.after()
                 if not keep:
                     self.transport.close()
                     return
@@ -241,6 +244,8 @@ class Connection(asyncio.Protocol):
                     self.paused = False
                     self.transport.resume_reading()
         finally:
+            if self.server.after is not None:  # answers that were never written count too
+                self.server.after()
             self.busy = False
             self.last_seen = self.loop.time()
             if self.server.draining and not self.transport.is_closing():

@@ -213,7 +213,7 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
                                                       f"{exc}"})
             return EXIT_BIND
     app = WorkerApp(serving)
-    app.http = http = HttpServer(app, max_body=serving.max_body, ssl=tls)
+    app.http = http = HttpServer(app, max_body=serving.max_body, ssl=tls, after=app.after)
     await http.start(sock)
     if not config.get("standalone"):
         control.listen(loop)

@@ -101,8 +101,8 @@ class _LoopCollector:
             requests.add_metric(list(labels), count)
         yield requests
         latency = HistogramMetricFamily(
-            "mserve_request_duration_seconds", "Inference request latency, body read to answer.",
-            labels=["version"])
+            "mserve_request_duration_seconds",
+            "Inference request latency, body read to answer written.", labels=["version"])
         for version, histogram in sorted(self.m.latency.items()):
             latency.add_metric([version], histogram.buckets(), histogram.sum)
         yield latency
