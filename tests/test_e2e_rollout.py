@@ -54,7 +54,7 @@ def test_a_90_10_split_is_honoured(shared, versions):
     shared.ok("undeploy", "split")
 
 
-def test_sticky_header_keeps_each_user_on_one_version(shared, versions):
+def test_sticky_header_keeps_each_user_on_one_version_until_turned_off(shared, versions):
     shared.json("deploy", versions[0], "--name", "sticky")
     shared.json("deploy", versions[1], "--name", "sticky", "--canary", "50",
                 "--sticky-header", "X-User-ID")
@@ -66,6 +66,13 @@ def test_sticky_header_keeps_each_user_on_one_version(shared, versions):
                 version = served_by(c, url, {"X-User-ID": f"user-{user}"})
                 assert seen.setdefault(user, version) == version
     assert set(seen.values()) == {"1", "2"}
+    # '' turns stickiness off: one user's requests now follow the 50/50 split
+    answer = shared.json("traffic", "sticky", "--sticky-header", "")
+    assert answer["sticky_header"] is None
+    assert shared.json("traffic", "sticky")["sticky_header"] is None
+    with httpx.Client() as c:
+        versions_seen = {served_by(c, url, {"X-User-ID": "user-1"}) for _ in range(40)}
+    assert versions_seen == {"1", "2"}  # all 40 on one version: 2 in 2**40
     shared.ok("undeploy", "sticky")
 
 
