@@ -8,7 +8,6 @@ h2load as mserve's gRPC rows: no Python gRPC server built on grpcio can answer f
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from loadgen import LoadgenError, apt_install
+from payloads import mismatch
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
@@ -76,9 +77,7 @@ def check_answer(target: str, message: bytes, expected: np.ndarray) -> str | Non
         return f"gRPC {exc.code().name}: {exc.details()}"
     got = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(
         tuple(response.outputs[0].shape))
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
-        return f"wrong answer: got {got.ravel()[:4]}..., expected {expected.ravel()[:4]}..."
-    return None
+    return mismatch(got, expected)
 
 
 def server_failures(metrics_url: str) -> float:

@@ -75,6 +75,11 @@ def check_answer(url: str, body: Body, expected: np.ndarray) -> str | None:
         return f"HTTP {exc.code}: {exc.read()[:300]!r}"
     except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
         return f"{type(exc).__name__}: {exc}"
+    return mismatch(got, expected)
+
+
+def mismatch(got: np.ndarray, expected: np.ndarray) -> str | None:
+    """None when ``got`` is ``expected`` (to float32 tolerance), else what is wrong."""
     if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
         return f"wrong answer: got {got.ravel()[:4]}..., expected {expected.ravel()[:4]}..."
     return None

@@ -103,13 +103,14 @@ def test_predict_input_mistakes(shared, affine_v1, tmp_path):
 
 
 @pytest.mark.e2e
-def test_busy_port_is_a_clean_error(shared, affine_v1):
+@pytest.mark.parametrize("option, what", [("--port", "port"), ("--grpc-port", "gRPC port")])
+def test_busy_port_is_a_clean_error(shared, affine_v1, option, what):
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        err = shared.fail("deploy", affine_v1, "--name", "porty", "--port", port)
-    assert f"port {port} is already in use" in err
+        err = shared.fail("deploy", affine_v1, "--name", "porty", option, port)
+    assert f"{what} {port} is already in use" in err
     assert all(d["name"] != "porty" for d in shared.json("list"))

@@ -6,7 +6,6 @@ across a deploy and a rollback under load; draining; `mserve predict --grpc`."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections import Counter
 
@@ -363,16 +362,6 @@ def test_token_and_tls(shared, affine_v1, tmp_path):
     assert "missing or wrong token" in shared.fail("predict", "gsec", "-", "--grpc",
                                                    input=body)
     shared.ok("undeploy", "gsec")
-
-
-def test_a_busy_grpc_port_is_a_clean_deploy_failure(shared, affine_v1):
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        err = shared.fail("deploy", affine_v1, "--name", "gbusy", "--grpc-port", port)
-    assert f"gRPC port {port} is already in use" in err
-    assert "gbusy" not in {d["name"] for d in shared.json("list")}
 
 
 def test_no_failed_call_across_deploy_and_rollback_under_load(shared, affine_v1, tmp_path):

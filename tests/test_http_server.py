@@ -188,13 +188,15 @@ def test_oversized_body_announced_with_100_continue_is_refused_before_it_is_sent
     assert closed(conn)
 
 
-@pytest.mark.parametrize("raw", [b"NONSENSE\r\n\r\n", b"GET / HTTP/1.1\r\nbad header\r\n\r\n",
-                                 b"GET / HTTP/1.1\r\nx: " + b"y" * 70000 + b"\r\n\r\n"])
-def test_malformed_request_is_400_and_closes(server, raw):
+@pytest.mark.parametrize("raw, why", [
+    (b"NONSENSE\r\n\r\n", "malformed"),
+    (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", "malformed"),
+    (b"GET / HTTP/1.1\r\nx: " + b"y" * 70000 + b"\r\n\r\n", "exceed 64 KiB")])
+def test_malformed_request_is_400_and_closes(server, raw, why):
     conn, buffer = connect(server.port), bytearray()
     conn.sendall(raw)
     status, _, body = read_response(conn, buffer)
-    assert status == 400 and "error" in json.loads(body)
+    assert status == 400 and why in json.loads(body)["error"]
     assert closed(conn)
 
 

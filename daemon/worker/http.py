@@ -22,12 +22,13 @@ from urllib.parse import unquote
 
 import httptools
 
+from mserve.daemon.worker.codecs import encode_error
+
 log = logging.getLogger("mserve.worker")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 32  # requests read ahead on one connection before reading pauses
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-           408: b"Request Timeout", 413: b"Content Too Large", 500: b"Internal Server Error",
-           503: b"Service Unavailable"}
+           413: b"Content Too Large", 500: b"Internal Server Error", 503: b"Service Unavailable"}
 JSON_TYPE = b"application/json"
 
 
@@ -58,12 +59,6 @@ def encode(status: int, headers: list[tuple[bytes, bytes]], body: bytes,
         lines.append(body)
         return [b"".join(lines)]
     return [b"".join(lines), body]
-
-
-def error_body(message: str) -> bytes:
-    import orjson
-
-    return orjson.dumps({"error": message})
 
 
 class HttpServer:
@@ -145,7 +140,10 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError:
-            self._fail(400, "malformed HTTP request")
+            if self.header_bytes > MAX_HEADER_BYTES:
+                self._fail(400, f"request line and headers exceed {MAX_HEADER_BYTES // 1024} KiB")
+            else:
+                self._fail(400, "malformed HTTP request")
 
     # ---- httptools callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -187,7 +185,7 @@ class Connection(asyncio.Protocol):
     def _refuse_body(self) -> None:
         limit = self.server.max_body // 2**20
         message = f"request body exceeds the limit of {limit} MiB"
-        self.refused = (413, [(b"content-type", JSON_TYPE)], error_body(message))
+        self.refused = (413, [(b"content-type", JSON_TYPE)], encode_error(message))
         self.chunks = []
 
     def on_message_complete(self) -> None:
@@ -254,7 +252,7 @@ class Connection(asyncio.Protocol):
     def _fail(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answer it (after those before it) and close."""
         self.closing = True
-        self._answer_then_close((status, [(b"content-type", JSON_TYPE)], error_body(message)))
+        self._answer_then_close((status, [(b"content-type", JSON_TYPE)], encode_error(message)))
 
     def _answer_then_close(self, response: Response) -> None:
         """Queue ``response`` after the requests before it; the connection then closes."""
