@@ -11,9 +11,9 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
-# ModelProto.graph, ModelProto.functions, GraphProto.node, FunctionProto.node,
-# NodeProto.op_type, NodeProto.domain (onnx.proto field numbers)
-MODEL_GRAPH, MODEL_FUNCTIONS, GRAPH_NODE, FUNCTION_NODE, OP_TYPE, DOMAIN = 7, 25, 1, 7, 4, 7
+from mserve.daemon.onnxproto import (FUNCTION_NODE, GRAPH_NODE, MODEL_FUNCTIONS, MODEL_GRAPH,
+                                     NODE_DOMAIN, NODE_OP_TYPE, fields, text)
+
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 VALUE_BOUND = frozenset({
     "Loop", "Scan", "If",  # control flow
@@ -23,48 +23,17 @@ VALUE_BOUND = frozenset({
 })
 
 
-def _varint(buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf, start: int, end: int):
-    """(field number, start, end) of each length-delimited field in buf[start:end]."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            size, pos = _varint(buf, pos)
-            yield number, pos, pos + size
-            pos += size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
 def operators(path: str | Path) -> set[tuple[str, str]]:
     """(domain, op_type) of every node in the main graph and in local functions."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         buf = memoryview(m)
         try:
             found = set()
-            for number, start, end in _fields(buf, 0, len(buf)):
+            for number, start, end in fields(buf, 0, len(buf)):
                 node_field = {MODEL_GRAPH: GRAPH_NODE, MODEL_FUNCTIONS: FUNCTION_NODE}.get(number)
                 if node_field is None:
                     continue
-                for inner, a, b in _fields(buf, start, end):
+                for inner, a, b in fields(buf, start, end):
                     if inner == node_field:
                         found.add(_node(buf, a, b))
             return found
@@ -74,11 +43,11 @@ def operators(path: str | Path) -> set[tuple[str, str]]:
 
 def _node(buf, start: int, end: int) -> tuple[str, str]:
     op_type = domain = ""
-    for number, a, b in _fields(buf, start, end):
-        if number == OP_TYPE:
-            op_type = bytes(buf[a:b]).decode("utf-8", "replace")
-        elif number == DOMAIN:
-            domain = bytes(buf[a:b]).decode("utf-8", "replace")
+    for number, a, b in fields(buf, start, end):
+        if number == NODE_OP_TYPE:
+            op_type = text(buf, a, b)
+        elif number == NODE_DOMAIN:
+            domain = text(buf, a, b)
     return domain, op_type
 
 
