@@ -26,8 +26,8 @@ from mserve.daemon import faults
 from mserve.daemon import state as st
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
 from mserve.daemon.paths import Paths, check_name, ensure_private_dir
-from mserve.daemon.plan import (Plan, canary_percent, check_same_place, default_name,
-                                hash_token)
+from mserve.daemon.plan import (Plan, canary_percent, check_batching, check_same_place,
+                                default_name, hash_token, input_changes, signature_changes)
 from mserve.daemon.state import State
 from mserve.daemon.store import Store
 from mserve.daemon.supervisor import READY, Supervisor
@@ -35,7 +35,8 @@ from mserve.daemon.supervisor import READY, Supervisor
 log = logging.getLogger("mserve.daemon")
 DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
                    "max_queue": None, "instances": 1, "max_body_mb": 64,
-                   "sticky_header": None, "keep": 5, "log_payloads": False}
+                   "sticky_header": None, "keep": 5, "log_payloads": False,
+                   "batching": "auto"}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
 # The deploy in progress reports its phases here (one per task, so parallel deploys of
 # different names do not mix their reports).
@@ -70,6 +71,7 @@ class Deployments:
             "grpc_url": (f"{_url_host(shown_host)}:{d['options']['grpc_port']}"
                          if d["options"].get("grpc_port") else None),
             "host": d["host"], "device": active.get("meta", {}).get("device"),
+            "batching": active.get("meta", {}).get("batching"),
             "versions": len(self.state.versions(d["name"])),
             "pid": worker.pid if worker else None,
             "restarts": worker.restarts if worker else 0,
@@ -124,6 +126,7 @@ class Deployments:
         name = req.get("name") or default_name(source)
         if problem := check_name(name):
             raise BadRequest(problem)
+        check_batching(req)
         async with self._locks[name]:
             return await self._deploy(name, source, req)
 
@@ -170,7 +173,8 @@ class Deployments:
             active = self.state.version(name, existing["active_version"])
             if active and active["sha256"] == artifact.sha256:
                 return {"changed": False, "name": name, "version": active["number"],
-                        "sha256": artifact.sha256, "deployment": self.describe(existing)}
+                        "sha256": artifact.sha256, "signature_changed": [],
+                        "deployment": self.describe(existing)}
         number = self.state.next_version(name)
         version = {"number": number, "sha256": artifact.sha256, "size": artifact.size,
                    "source": artifact.source}
@@ -178,10 +182,12 @@ class Deployments:
                    **{k: req[k] for k in OPTION_KEYS if req.get(k) is not None}}
         token_hash = hash_token(req.get("token")) or (existing or {}).get("token_hash")
         canary = canary_percent(req, existing)
+        changes: list[str] = []
         try:
             if existing:
-                version["meta"] = await self._switch_to_new(existing, version, options,
-                                                            token_hash, canary)
+                version["meta"], changes = await self._switch_to_new(
+                    existing, version, options, token_hash, canary,
+                    bool(req.get("allow_signature_change")))
                 await self._record_or_undo(existing, version, {
                     **existing, "options": options, "token_hash": token_hash}, canary)
             else:
@@ -192,7 +198,8 @@ class Deployments:
             raise
         d = self.state.deployment(name)
         return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
-                "deployment": self.describe(d)}
+                "previous": existing["active_version"] if existing else None,
+                "signature_changed": changes, "deployment": self.describe(d)}
 
     async def _record_or_undo(self, d: dict | None, version: dict, row: dict,
                               canary: int | None = None) -> None:
@@ -268,11 +275,12 @@ class Deployments:
             raise
 
     async def _switch_to_new(self, d: dict, version: dict, options: dict, token_hash,
-                             canary: int | None = None) -> dict:
+                             canary: int | None = None, allow_change: bool = False
+                             ) -> tuple[dict, list[str]]:
         """Probe the new version in a child, load it next to the serving one, then switch
-        (or, as a canary, give it a share of the traffic)."""
+        (or, as a canary, give it a share of the traffic). Its metadata, and how its
+        signature differs from the active version's."""
         name, path = d["name"], str(self.store.path_of(version["sha256"]))
-        worker = self.supervisor.get(name)
         old = d["active_version"]
         d = {**d, "options": options, "token_hash": token_hash}
         if canary:
@@ -280,17 +288,29 @@ class Deployments:
                         self._standby(d))
         else:
             plan = Plan(version["number"], None, d["labels"], old)
+        _progress.get()({"step": "validate"})
+        probed = await self.probe(path, options["device"], options.get("batching"))
+        changes = signature_changes((self.state.version(name, old) or {}).get("meta"), probed)
+        if canary and input_changes(changes) and not allow_change:
+            self._refuse(name, f"the canary's inputs differ from version {old}'s "
+                               f"({'; '.join(input_changes(changes))}): clients of version "
+                               f"{old} would fail on its share of traffic. Deploy it without "
+                               "--canary, or pass --allow-signature-change")
+        worker = self.supervisor.get(name)
         if worker is None or worker.status != READY:  # nothing serves: start on the plan
             event = await self.apply(d, plan, extra=[version])
-            return event["versions"][str(version["number"])]
-        _progress.get()({"step": "validate"})
-        await self.probe(path, options["device"])
+            return event["versions"][str(version["number"])], changes
         _progress.get()({"step": "load"})
         reply = await worker.request("load", load_timeout(), number=version["number"],
                                      path=path, options=options)
         _progress.get()({"step": "switch"})
         await self.apply(d, plan, extra=[version])
-        return reply["meta"]
+        return reply["meta"], changes
+
+    def _refuse(self, name: str, message: str) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self.state.add_event(name, "deploy-refused", None, message)
+        raise Conflict(message)
 
     def _standby(self, d: dict) -> int | None:
         return next((v["number"] for v in self.state.versions(d["name"])
@@ -320,10 +340,10 @@ class Deployments:
                              route=plan.route(d), token_hash=d["token_hash"])
         return None
 
-    async def probe(self, path: str, device: str) -> dict:
+    async def probe(self, path: str, device: str, batching: str = "auto") -> dict:
         """Load and warm ``path`` in a short-lived process, bounded in time."""
         proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "mserve.daemon.worker.probe", path, device,
+            self.python, "-m", "mserve.daemon.worker.probe", path, device, batching or "auto",
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         timeout = load_timeout()
         try:
@@ -463,6 +483,7 @@ def _version_view(v: dict) -> dict:
             "size": v["size"],
             "created": v["created"], "source": v["source"], "state": v["state"],
             "device": meta.get("device"), "batchable": meta.get("batchable"),
+            "batching": meta.get("batching"),
             "error": v.get("error")}
 
 

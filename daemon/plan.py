@@ -68,3 +68,36 @@ def default_name(source: Path) -> str:
 
 def hash_token(token: str | None) -> str | None:
     return hashlib.sha256(token.encode()).hexdigest() if token else None
+
+
+def check_batching(req: dict) -> None:
+    if req.get("batching") not in (None, "auto", "on", "off"):
+        raise BadRequest("--batching must be auto, on or off")
+
+
+def signature_changes(old: dict | None, new: dict | None) -> list[str]:
+    """How the inputs and outputs of ``new`` (version metadata) differ from ``old``'s, one
+    line each: added, removed, or another datatype or shape. Empty when they agree."""
+    if not old or not new:
+        return []
+    changes = []
+    for kind in ("inputs", "outputs"):
+        before = {t["name"]: t for t in old.get(kind) or []}
+        after = {t["name"]: t for t in new.get(kind) or []}
+        what = kind[:-1]
+        changes += [f"{what} '{n}' removed" for n in before if n not in after]
+        changes += [f"{what} '{n}' added ({_tensor_text(after[n])})"
+                    for n in after if n not in before]
+        changes += [f"{what} '{n}' changed: {_tensor_text(before[n])} -> "
+                    f"{_tensor_text(after[n])}"
+                    for n in before if n in after and _tensor_text(before[n]) !=
+                    _tensor_text(after[n])]
+    return changes
+
+
+def input_changes(changes: list[str]) -> list[str]:
+    return [c for c in changes if c.startswith("input ")]
+
+
+def _tensor_text(t: dict) -> str:
+    return f"{t['datatype']} [{', '.join(map(str, t['shape']))}]"

@@ -25,6 +25,17 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Batching(str, Enum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+BATCHING_HELP = ("auto: batch concurrent requests only when the version is proven batchable at "
+                 "load (dim 0 is the batch and a joined run equals separate runs); on: batch "
+                 "whenever every input has a dynamic dim 0; off: never.")
+
+
 def deploy(
     path: Annotated[Path, typer.Argument(help="An .onnx file, or a folder holding model.onnx "
                                               "and its external-data files.", show_default=False)],
@@ -44,9 +55,14 @@ def deploy(
     batch_delay_ms: Annotated[Optional[float], typer.Option(
         min=0, help="Wait this long for more requests to fill a batch (default 0: batches "
                     "form from what queued while the previous run ran).")] = None,
+    batching: Annotated[Optional[Batching], typer.Option(help=BATCHING_HELP)] = None,
     canary: Annotated[Optional[int], typer.Option(
         min=1, max=99, help="Give the new version this percent of unpinned traffic and keep "
                             "the current version active (promote or roll back later).")] = None,
+    allow_signature_change: Annotated[bool, typer.Option(
+        "--allow-signature-change",
+        help="Let a --canary whose inputs differ from the active version's take traffic.")
+    ] = False,
     sticky_header: Annotated[Optional[str], typer.Option(
         help="Route each value of this header (e.g. X-User-ID) to one version of a split.")] = None,
     keep: Annotated[Optional[int], typer.Option(
@@ -93,6 +109,8 @@ def deploy(
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
+               "batching": batching.value if batching else None,
+               "allow_signature_change": allow_signature_change,
                "token": token, "tls_cert": _absolute(tls_cert), "tls_key": _absolute(tls_key)}
     client = autostart.client()
     if json_out or quiet or not sys.stdout.isatty():
@@ -110,6 +128,9 @@ def deploy(
     share = f" as a canary taking {canary}% of traffic" if canary else ""
     say(f"Deployed {answer['name']} version {answer['version']}{share} at {d['url']} "
         f"(device {d['device']})")
+    if answer.get("signature_changed"):
+        sys.stderr.write(f"Warning: the signature differs from version {answer['previous']}: "
+                         f"{'; '.join(answer['signature_changed'])}\n")
     if answer.get("pruned"):
         say(f"Pruned the artifacts of versions {', '.join(map(str, answer['pruned']))}")
 

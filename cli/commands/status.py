@@ -28,16 +28,26 @@ def status(
         ("loaded", ", ".join(str(n) for n in d["loaded"]) or "-"),
         ("worker", f"pid {d['pid']}, {memory}, {d['restarts']} restarts"),
         ("last minute", f"{requests} requests, errors {errors}, p50 {p50}, p99 {p99}"),
+        ("batching", _batching_text(d.get("batching"))),
         ("options", options + (", token required" if d["auth"] else "")),
         ("last error", d["error"] or "-"),
     ]:
         say(f"  {label + ':':<13}{value}")
     say("")
-    table(["version", "state", "sha256", "created"],
-          [[v["version"], v["state"], v["sha256"][:12], ago(v["created"])]
-           for v in d["versions_detail"]])
+    table(["version", "state", "batching", "sha256", "created"],
+          [[v["version"], v["state"], _batching_word(v.get("batching")), v["sha256"][:12],
+            ago(v["created"])] for v in d["versions_detail"]])
     say("")
     history_table(d["events"])
+
+
+def _batching_word(batching: dict | None) -> str:
+    return "-" if not batching else ("on" if batching["enabled"] else "off")
+
+
+def _batching_text(batching: dict | None) -> str:
+    """The active version's batching decision and why, e.g. 'off: output 'Y' dim 0 ...'."""
+    return f"{_batching_word(batching)}: {batching['reason']}" if batching else "-"
 
 
 def history_table(events: list[dict]) -> None:

@@ -51,12 +51,20 @@ def _node(buf, start: int, end: int) -> tuple[str, str]:
     return domain, op_type
 
 
-def size_bound(path: str | Path) -> bool:
-    """True when the model's run time depends only on its input sizes: standard ops only,
-    none of them value-bound. Anything unreadable counts as not size-bound."""
+def read_operators(path: str | Path) -> set[tuple[str, str]] | None:
+    """``operators(path)``, or None when the file cannot be read as ONNX."""
     try:
-        ops = operators(path)
+        return operators(path)
     except (OSError, ValueError, IndexError):
-        return False
+        return None
+
+
+def is_size_bound(ops: set[tuple[str, str]] | None) -> bool:
+    """True when the model's run time depends only on its input sizes: standard ops only,
+    none of them value-bound. Unknown operators (None) count as not size-bound."""
     return bool(ops) and all(domain in STANDARD_DOMAINS and op not in VALUE_BOUND
                              for domain, op in ops)
+
+
+def size_bound(path: str | Path) -> bool:
+    return is_size_bound(read_operators(path))

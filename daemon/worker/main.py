@@ -89,13 +89,18 @@ def bind(host: str, port: int, retry_seconds: float, listen: bool = True) -> soc
             time.sleep(0.1)
 
 
+def load_options(opts: dict) -> dict:
+    """The deployment options that runtime.load takes."""
+    return {"device": opts.get("device") or "auto", "instances": opts.get("instances") or 1,
+            "threads": opts.get("threads") or 0, "batching": opts.get("batching") or "auto"}
+
+
 def load_versions(config: dict) -> tuple[list, int]:
     """Load the active version (required) and the standby one (best effort): (models, active)."""
     opts, models, active = config["options"], [], None
     for entry in config["versions"]:
         try:
-            model = runtime.load(entry["number"], entry["path"], opts.get("device", "auto"),
-                                 opts.get("instances", 1), opts.get("threads", 0))
+            model = runtime.load(entry["number"], entry["path"], **load_options(opts))
         except MserveError as exc:
             if entry.get("active"):
                 raise
@@ -159,9 +164,8 @@ class Control:
             opts = {**self.config["options"], **msg.get("options", {})}
             self.serving.options = opts
             self.serving.log.payloads = bool(opts.get("log_payloads"))
-            model = await asyncio.to_thread(
-                runtime.load, msg["number"], msg["path"], opts.get("device", "auto"),
-                opts.get("instances", 1), opts.get("threads", 0))
+            model = await asyncio.to_thread(runtime.load, msg["number"], msg["path"],
+                                            **load_options(opts))
             self.serving.add(model)
             return {"meta": model.meta()}
         if op == "activate":

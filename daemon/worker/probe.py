@@ -1,8 +1,8 @@
 """Load and warm up a model in a short-lived process, so a model that crashes or hangs
 ONNX Runtime cannot take down the worker that serves the current version.
 
-``python -m mserve.daemon.worker.probe PATH DEVICE`` prints one JSON line: the model's
-metadata, or ``{"error": ...}`` (exit 1).
+``python -m mserve.daemon.worker.probe PATH DEVICE [BATCHING]`` prints one JSON line: the
+model's metadata (its batching decision included), or ``{"error": ...}`` (exit 1).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ def main(argv: list[str]) -> int:
     from mserve.daemon.worker import runtime
 
     path, device = argv[1], argv[2]
+    batching = argv[3] if len(argv) > 3 else "auto"
     try:
-        model = runtime.load(0, path, device)
+        model = runtime.load(0, path, device, batching=batching)
     except MserveError as exc:
         out.write(json.dumps({"error": exc.message}) + "\n")
         return 1

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from mserve.daemon.errors import BadRequest, DeployFailed
-from mserve.daemon.worker import graphscan
+from mserve.daemon.worker import batchcheck, graphscan, stringlocale
 from mserve.daemon.worker.codecs import DTYPES, ORT_TYPES, TensorSpec
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -45,12 +45,14 @@ class LoadedModel:
     load_ms: float
     json_outputs: frozenset[str] = frozenset()  # outputs that are maps, served as JSON text
     size_bound: bool = False  # run time depends on input sizes only (graphscan.size_bound)
+    batching: batchcheck.Decision = batchcheck.Decision(False, "not checked yet")
+    notes: list[str] = field(default_factory=list)  # what loading had to work around
     _turn: itertools.count = field(default_factory=itertools.count)
 
     @property
     def batchable(self) -> bool:
-        """All inputs have a dynamic first dimension (the batch)."""
-        return bool(self.inputs) and all(s.shape and s.shape[0] == -1 for s in self.inputs)
+        """Requests may share a run (decided at load: batchcheck.py)."""
+        return self.batching.batched
 
     def meta(self) -> dict:
         return {
@@ -59,6 +61,8 @@ class LoadedModel:
             "device": self.device,
             "providers": self.providers,
             "batchable": self.batchable,
+            "batching": self.batching.to_json(),
+            "notes": self.notes,
             "load_ms": round(self.load_ms, 1),
         }
 
@@ -76,28 +80,61 @@ class LoadedModel:
 
 
 def load(number: int, path: str, device: str = "auto", instances: int = 1,
-         threads: int = 0) -> LoadedModel:
-    """Load ``path`` on ``device`` and warm it up; raise DeployFailed with a plain reason."""
+         threads: int = 0, batching: str = "auto") -> LoadedModel:
+    """Load ``path`` on ``device``, warm it up and decide whether it batches; raise
+    DeployFailed with a plain reason."""
     if device not in DEVICES:
         raise DeployFailed(f"unknown device {device!r}: use auto, cpu or cuda")
+    if batching not in batchcheck.MODES:
+        raise DeployFailed(f"unknown batching mode {batching!r}: use auto, on or off")
     start = time.perf_counter()
-    sessions = [_session(path, device, threads) for _ in range(max(1, instances))]
-    first = sessions[0]
+    first, source, notes = _first_session(path, device, threads)
+    sessions = [first] + [_session(source, device, threads) for _ in range(1, instances)]
     providers = list(first.get_providers())
-    inputs = [_spec(a) for a in first.get_inputs()]
-    outputs = [_spec(a) for a in first.get_outputs()]
+    ops = graphscan.read_operators(path)
     model = LoadedModel(
-        number=number, path=path, sessions=sessions, inputs=inputs, outputs=outputs,
+        number=number, path=path, sessions=sessions,
+        inputs=[_spec(a) for a in first.get_inputs()],
+        outputs=[_spec(a) for a in first.get_outputs()],
         device="cuda" if CUDA in providers else "cpu", providers=providers, load_ms=0.0,
         json_outputs=frozenset(a.name for a in first.get_outputs() if _is_map(a.type)),
-        size_bound=graphscan.size_bound(path),
+        size_bound=graphscan.is_size_bound(ops), notes=notes,
     )
     warm_up(model)
+    model.batching = _decide_batching(model, first, batching, ops)
     model.load_ms = (time.perf_counter() - start) * 1000
     return model
 
 
-def _session(path: str, device: str, threads: int):
+def _decide_batching(model: LoadedModel, session, mode: str, ops) -> batchcheck.Decision:
+    names = [s.name for s in model.outputs]
+    return batchcheck.decide(
+        mode, model.inputs, [list(a.shape or ()) for a in session.get_inputs()],
+        model.outputs, [None if _is_map(a.type) else list(a.shape or ())
+                        for a in session.get_outputs()],
+        {op for _, op in ops or ()}, lambda feeds: model.run(feeds, names, 0),
+        model.json_outputs)
+
+
+def _first_session(path: str, device: str, threads: int):
+    """The first session, what to load the others from (the file, or for a StringNormalizer
+    needing a missing en_US locale an in-memory copy naming C.UTF-8: stringlocale.py), and
+    notes on what was worked around."""
+    try:
+        return _session(path, device, threads), path, []
+    except DeployFailed as exc:
+        locale = stringlocale.missing_locale(exc.message)
+        if locale is None:
+            raise
+        if not stringlocale.can_substitute(locale):
+            raise DeployFailed(stringlocale.hint(locale)) from None
+    source = stringlocale.with_fallback_locale(path)
+    note = (f"the {locale} locale is missing on this machine: StringNormalizer uses "
+            f"{stringlocale.FALLBACK} (the same case mapping)")
+    return _session(source, device, threads), source, [note]
+
+
+def _session(path: str | bytes, device: str, threads: int):
     global _cuda_failed
     ort = _ort()
     options = ort.SessionOptions()
@@ -124,10 +161,11 @@ def _session(path: str, device: str, threads: int):
     return session
 
 
-def _load_error(exc: Exception, path: str) -> str:
+def _load_error(exc: Exception, path: str | bytes) -> str:
     text = _short(exc)
     if "INVALID_PROTOBUF" in text or "Protobuf parsing failed" in text:
-        return f"'{Path(path).name}' is not a valid ONNX model (it could not be parsed)"
+        name = Path(path).name if isinstance(path, str) else "the model"
+        return f"'{name}' is not a valid ONNX model (it could not be parsed)"
     return f"the model could not be loaded: {text}"
 
 
