@@ -1,5 +1,9 @@
 """The content-addressed model store: ``models/<sha256>/model.onnx`` (plus external data).
 
+A model file is stored with the external-data files it references (kept at their paths
+relative to it, since ONNX Runtime resolves them from the model's folder); a folder is
+stored whole, its ``model.onnx`` (or its one ``*.onnx``, renamed) as the model.
+
 An artifact is copied to a temporary folder, fsynced, then renamed into place, so a folder
 named by a hash is always complete. Later edits to the user's file change nothing here.
 """
@@ -13,9 +17,9 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from mserve.daemon import faults
+from mserve.daemon import faults, onnxproto
 from mserve.daemon.errors import BadRequest, MserveError
 
 MODEL_FILE = "model.onnx"
@@ -59,8 +63,9 @@ class Store:
         return removed
 
     def ingest(self, source: Path, progress: Progress | None = None) -> Artifact:
-        """Copy a model file, or a folder holding ``model.onnx``, into the store;
-        ``progress(done, total)`` is called as bytes are copied and hashed."""
+        """Copy a model file and its external data, or a folder holding ``model.onnx`` or
+        one ``*.onnx``, into the store; ``progress(done, total)`` is called as bytes are
+        copied and hashed."""
         files = _source_files(source)
         total = sum(src.stat().st_size for _, src in files)
         copied = [0]
@@ -92,19 +97,61 @@ class Store:
         return Artifact(sha256=sha, size=size, path=final / MODEL_FILE, source=str(source))
 
 
+def model_in(folder: Path) -> Path | None:
+    """The model file of a folder, one rule for ``deploy`` and ``mserve serve``: its
+    model.onnx, else its one top-level ``*.onnx``; None when it has neither. Several
+    ``*.onnx`` and no model.onnx is an error: which one was meant?"""
+    if (folder / MODEL_FILE).is_file():
+        return folder / MODEL_FILE
+    found = sorted(p for p in folder.glob("*.onnx") if p.is_file() and p.name[0] != ".")
+    if len(found) > 1:
+        raise BadRequest(f"folder '{folder}' holds several .onnx files and no {MODEL_FILE} "
+                         f"({_names(found)}); pass the path of the one to use")
+    return found[0] if found else None
+
+
 def _source_files(source: Path) -> list[tuple[str, Path]]:
-    """(relative name in the store, file to read) for a model file or folder."""
+    """(relative name in the store, file to read) for a model file or folder: the model
+    becomes ``model.onnx``; its external data keeps its path relative to the model."""
     if not source.exists():
         raise BadRequest(f"model path '{source}' does not exist")
     if source.is_file():
         _check_readable(source)
-        return [(MODEL_FILE, source)]
-    if not source.is_dir():
+        model, folder, files = source, source.parent, {MODEL_FILE: source}
+    elif source.is_dir():
+        model, folder = _folder_model(source), source
+        files = _folder_files(source, model)
+    else:
         raise BadRequest(f"model path '{source}' is not a file or folder")
-    if not (source / MODEL_FILE).is_file():
-        raise BadRequest(f"folder '{source}' has no {MODEL_FILE}")
+    for rel, path in _external_files(model, folder):
+        if files.setdefault(rel, path) != path:
+            raise BadRequest(f"'{model.name}' references external data named {MODEL_FILE}, "
+                             "the name the store gives the model itself; rename that file")
+    return sorted(files.items())
+
+
+def _folder_model(folder: Path) -> Path:
+    if (model := model_in(folder)) is not None:
+        return model
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise BadRequest(f"cannot read '{folder}': {exc.strerror or exc}") from None
+    held = f"it holds {_names(entries)}" if entries else "it is empty"
+    raise BadRequest(f"folder '{folder}' has no {MODEL_FILE} and no other .onnx file at its "
+                     f"top level ({held}); pass the path of the .onnx file")
+
+
+def _names(paths: list[Path], most: int = 5) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths[:most]]
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(names) + more
+
+
+def _folder_files(source: Path, model: Path) -> dict[str, Path]:
+    """Every file under ``source`` by its relative name, ``model`` as model.onnx."""
     root = source.resolve()
-    files = []
+    files = {}
     for folder, _, names in os.walk(source, onerror=_unreadable_folder):
         for name in names:
             path = Path(folder) / name
@@ -112,8 +159,51 @@ def _source_files(source: Path) -> list[tuple[str, Path]]:
                 raise BadRequest(f"'{path}' links outside the model folder")
             if path.is_file():
                 _check_readable(path)
-                files.append((path.relative_to(source).as_posix(), path))
-    return sorted(files)
+                rel = MODEL_FILE if path == model else path.relative_to(source).as_posix()
+                files[rel] = path
+    return files
+
+
+def _external_files(model: Path, folder: Path) -> list[tuple[str, Path]]:
+    """The external-data files ``model`` references, each a readable file inside
+    ``folder`` (the model file is untrusted input), by its path relative to it."""
+    try:
+        locations = onnxproto.external_data_locations(model)
+    except ValueError:
+        return []  # not a model: validation says so, in the words users know
+    except OSError as exc:
+        raise BadRequest(f"cannot read '{model}': {exc.strerror or exc}") from None
+    return [_external_file(model, folder, location) for location in locations]
+
+
+def _external_file(model: Path, folder: Path, location: str) -> tuple[str, Path]:
+    rel = PurePosixPath(location)
+    try:
+        why = _leaves(folder, rel)
+        found = why is None and (folder / rel).is_file()
+    except (OSError, ValueError) as exc:  # a NUL byte, a name too long...
+        why, found = f"by a name that is no usable path ({exc})", False
+    if why:
+        raise BadRequest(f"'{model.name}' references external data '{location}' {why}; a "
+                         f"model may only use data files inside its own folder ('{folder}'): "
+                         "save it again with a relative location")
+    if not found:
+        raise BadRequest(f"'{model.name}' references external data '{location}', which is "
+                         f"not next to it in '{folder}'; keep the .onnx and its data files "
+                         "together")
+    _check_readable(folder / rel)
+    return rel.as_posix(), folder / rel
+
+
+def _leaves(folder: Path, rel: PurePosixPath) -> str | None:
+    """How ``rel`` leads out of ``folder``, or None when it stays inside."""
+    if rel.is_absolute():
+        return "by an absolute path"
+    if ".." in rel.parts:
+        return "by a path that leaves its folder"
+    if not (folder / rel).resolve().is_relative_to(folder.resolve()):
+        return "through a link that leads outside its folder"
+    return None
 
 
 def _unreadable_folder(exc: OSError) -> None:

@@ -37,8 +37,10 @@ BATCHING_HELP = ("auto: batch concurrent requests only when the version is prove
 
 
 def deploy(
-    path: Annotated[Path, typer.Argument(help="An .onnx file, or a folder holding model.onnx "
-                                              "and its external-data files.", show_default=False)],
+    path: Annotated[Path, typer.Argument(
+        help="An .onnx file (its external-data files, e.g. model.onnx.data, are stored with "
+             "it), or a folder holding model.onnx or exactly one *.onnx and its data files.",
+        show_default=False)],
     name: Annotated[Optional[str], typer.Option(
         "--name", "-n", help="Deployment name (default: the file's stem).")] = None,
     port: Annotated[Optional[int], typer.Option(

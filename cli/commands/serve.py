@@ -20,8 +20,7 @@ from mserve.cli.commands.deploy import LOOPBACK, Device
 from mserve.daemon.errors import BadRequest, MserveError
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import hash_token
-
-MODEL_FILE = "model.onnx"
+from mserve.daemon.store import MODEL_FILE, model_in
 
 
 def serve(
@@ -103,14 +102,15 @@ def serve(
 
 def locate(path: Path) -> tuple[Path, int, str | None]:
     """The model file under ``path``, its version number and a name hint:
-    a file; a folder with model.onnx or exactly one *.onnx; version folders (``1/model.onnx``,
-    the newest wins); or a Triton-style repository holding one model (``NAME/1/model.onnx``).
+    a file; a folder with model.onnx or exactly one *.onnx (``store.model_in``, the rule
+    ``deploy`` uses too); version folders (``1/model.onnx``, the newest wins); or a
+    Triton-style repository holding one model (``NAME/1/model.onnx``).
     """
     if path.is_file():
         return path, 1, None
     if not path.is_dir():
         raise BadRequest(f"model path '{path}' does not exist")
-    if (model := _model_in(path)) is not None:
+    if (model := model_in(path)) is not None:
         return model, 1, None
     if (newest := _newest_version(path)) is not None:
         return (*newest, None)
@@ -121,21 +121,10 @@ def locate(path: Path) -> tuple[Path, int, str | None]:
                      f"or a version folder such as 1/{MODEL_FILE}")
 
 
-def _model_in(folder: Path) -> Path | None:
-    if (folder / MODEL_FILE).is_file():
-        return folder / MODEL_FILE
-    found = sorted(p for p in folder.glob("*.onnx") if p.is_file())
-    if len(found) > 1:
-        names = ", ".join(p.name for p in found[:5])
-        raise BadRequest(f"folder '{folder}' holds several .onnx files ({names}); "
-                         "give the path of one")
-    return found[0] if found else None
-
-
 def _newest_version(folder: Path) -> tuple[Path, int] | None:
     for version in sorted((d for d in _subfolders(folder) if d.name.isdigit()),
                           key=lambda d: int(d.name), reverse=True):
-        if (model := _model_in(version)) is not None:
+        if (model := model_in(version)) is not None:
             return model, int(version.name)
     return None
 
