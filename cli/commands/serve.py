@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mserve.cli.commands.deploy import LOOPBACK, Device
+from mserve.cli.commands.deploy import BATCHING_HELP, LOOPBACK, Batching, Device
 from mserve.daemon.errors import BadRequest, MserveError
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import hash_token
@@ -44,6 +44,7 @@ def serve(
                     "1 turns batching off).")] = None,
     batch_delay_ms: Annotated[Optional[float], typer.Option(
         min=0, help="Wait this long for more requests to fill a batch (default 0).")] = None,
+    batching: Annotated[Batching, typer.Option(help=BATCHING_HELP)] = Batching.auto,
     max_queue: Annotated[Optional[int], typer.Option(
         min=1, help="Requests allowed to wait; past it answers 503 (default 1024).")] = None,
     max_body_mb: Annotated[float, typer.Option(
@@ -83,7 +84,7 @@ def serve(
     options = {"device": device.value, "max_batch_size": max_batch_size,
                "batch_delay_ms": batch_delay_ms, "max_queue": max_queue,
                "max_body_mb": max_body_mb, "instances": instances,
-               "grpc_port": grpc_port or None}
+               "batching": batching.value, "grpc_port": grpc_port or None}
     if tls_cert is not None:
         options["tls"] = {"cert": str(tls_cert.absolute()), "key": str(tls_key.absolute())}
     config = {"name": name, "host": host, "port": port, "standalone": True,
