@@ -21,6 +21,14 @@ RUN apt-get update \
 # (for the CPU variant, onnxruntime instead of the much larger onnxruntime-gpu).
 FROM base-${VARIANT} AS build
 ARG VARIANT
+# The en_US.UTF-8 locale, the default of ONNX Runtime's StringNormalizer (skl2onnx's
+# TfidfVectorizer and CountVectorizer models), so they load as written (without it the worker
+# substitutes C.UTF-8: daemon/worker/stringlocale.py). Compiled here; only the 3 MB archive
+# goes into the image, not the locales package and its sources.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends locales \
+ && localedef -i en_US -c -f UTF-8 -A /usr/share/locale/locale.alias en_US.UTF-8 \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY docker/requirements.py docker/
@@ -39,6 +47,7 @@ ENV PATH=/opt/mserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MSERVE_DRAIN_TIMEOUT=25
 COPY --from=build /opt/mserve /opt/mserve
+COPY --from=build /usr/lib/locale/locale-archive /usr/lib/locale/locale-archive
 RUN groupadd --gid 10001 mserve \
  && useradd --uid 10001 --gid 10001 --home-dir /home/mserve --create-home \
             --shell /usr/sbin/nologin mserve

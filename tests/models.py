@@ -117,3 +117,41 @@ def slow(path: Path) -> Path:
 def hanging(path: Path) -> Path:
     """A model that never finishes its warm-up run (2**62 iterations)."""
     return _loop(path, "hanging", 2**62)
+
+
+def typed_outputs(path: Path) -> Path:
+    """A classifier-like model with outputs of several datatypes and ranks, x: FP32 [N, 3] ->
+    label = argmax(x) INT64 [N], code = label as UINT8 [N], positive = x > 0 BOOL [N, 3],
+    half = x as FP16 [N, 3]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+               helper.make_tensor_value_info("code", TensorProto.UINT8, ["N"]),
+               helper.make_tensor_value_info("positive", TensorProto.BOOL, ["N", 3]),
+               helper.make_tensor_value_info("half", TensorProto.FLOAT16, ["N", 3])]
+    zero = numpy_helper.from_array(np.array(0, dtype=np.float32), "zero")
+    nodes = [helper.make_node("ArgMax", ["x"], ["label"], axis=1, keepdims=0),
+             helper.make_node("Cast", ["label"], ["code"], to=TensorProto.UINT8),
+             helper.make_node("Greater", ["x", "zero"], ["positive"]),
+             helper.make_node("Cast", ["x"], ["half"], to=TensorProto.FLOAT16)]
+    return _save(helper.make_graph(nodes, "typed_outputs", [x], outputs, [zero]), path)
+
+
+def with_total(path: Path) -> Path:
+    """Outputs that share no batch dimension, x: FP32 [N, 4] -> y = x [N, 4] and
+    total = sum of every element of x, FP32 [] (a scalar)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    total = helper.make_tensor_value_info("total", TensorProto.FLOAT, [])
+    nodes = [helper.make_node("Identity", ["x"], ["y"]),
+             helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)]
+    return _save(helper.make_graph(nodes, "with_total", [x], [y, total]), path)
+
+
+def lookup(path: Path) -> Path:
+    """y = table[i] with a table of 3 FP32 values, i: INT64 [N]: an index past 2 passes every
+    check but makes ONNX Runtime fail at run time (the model could not run)."""
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, ["N"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])
+    table = numpy_helper.from_array(np.array([0.5, 1.5, 2.5], dtype=np.float32), "table")
+    nodes = [helper.make_node("Gather", ["table", "i"], ["y"], axis=0)]
+    return _save(helper.make_graph(nodes, "lookup", [i], [y], [table]), path)

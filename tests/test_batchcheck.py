@@ -165,3 +165,16 @@ def test_another_missing_locale_names_the_fix(tmp_path):
         pytest.skip("this machine has tr_TR.UTF-8")
     with pytest.raises(DeployFailed, match="needs the 'tr_TR.UTF-8' locale.*install it"):
         runtime.load(1, _normalizer(tmp_path / "tr.onnx", "tr_TR.UTF-8"))
+
+
+def test_a_cnn_with_dynamic_height_and_width_warms_up_and_batches(tmp_path):
+    """torch exports with dynamic_axes {0: batch, 2: height, 3: width}: a 3x3 convolution
+    cannot run on a 1x1 image, so warm-up and the check use a size that runs."""
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, "h", "w"])
+    y = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4, 1, 1])
+    nodes = [helper.make_node("Conv", ["images", "k"], ["c"], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["features"])]
+    path = _save(tmp_path / "cnn.onnx", nodes, [x], [y], [_weights("k", (4, 3, 3, 3))])
+    model = runtime.load(1, path)
+    assert model.fill == 8 and model.batchable, model.batching.reason

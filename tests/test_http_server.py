@@ -143,6 +143,10 @@ def test_reading_pauses_while_too_many_body_bytes_wait(server):
     answers = [json.loads(read_response(conn, buffer)[2]) for _ in range(3)]
     assert [(a["path"], a["size"]) for a in answers] == [("/slow", 0), ("/a", LIMIT),
                                                           ("/b", LIMIT)]
+    # The server resumes reading just after it writes the last answer, on its own thread.
+    deadline = time.monotonic() + 5
+    while (held.paused or held.buffered) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not held.paused and held.buffered == 0
 
 

@@ -227,7 +227,10 @@ class WorkerApp:
     def after(self) -> None:
         """Record the calls answered so far: the HTTP server calls this once an answer is
         written, so counting, statistics and the request log cost the client no latency."""
-        calls, self.unrecorded = self.unrecorded, []
+        # The same list stays in place: calls answered later append to it (a Recorded
+        # holds the list it was given), so swapping in a new one lost them.
+        calls = self.unrecorded[:]
+        self.unrecorded.clear()
         for call in calls:
             try:
                 self.s.record(call)
@@ -239,20 +242,13 @@ class WorkerApp:
         return self.http is not None and self.http.pending <= 1
 
     async def __call__(self, request: Request) -> Response:
-        path, method = request.path, request.method
         request_id = request.headers.get("x-request-id")
         try:
-            if path not in OPEN_PATHS:
+            if request.path not in OPEN_PATHS:
                 self.s.authorize(request.headers.get("authorization"))
             status, body, headers = await self._route(request)
-        except MserveError as exc:
-            status, body, headers = exc.status, codecs.encode_error(exc.message), JSON
-            if exc.status == 503:
-                headers = JSON + [(b"retry-after", b"1")]
-        except Exception:
-            log.exception("unexpected error on %s %s", method, path)
-            status, body, headers = 500, codecs.encode_error("internal error (see the "
-                                                             "deployment log)"), JSON
+        except Exception as exc:
+            status, body, headers = _failure(request, exc)
         if request_id is not None:
             headers = [*headers, (b"x-request-id", request_id.encode("latin-1"))]
         return status, headers, body
@@ -315,14 +311,19 @@ class WorkerApp:
                     client=request.client, bytes_in=len(body))
         model = self.s.model(m["name"], m["version"], m["label"], request.headers)
         call.version = model.number
-        with self.s.recorded(call, self.unrecorded):
-            if self.s.log.payloads:
-                call.payload_in = body
-            out, headers = await handler(model, request, call)
-            call.status, call.bytes_out = 200, len(out)
-            if self.s.log.payloads:
-                call.payload_out = out
-        headers.append((b"x-model-version", str(model.number).encode()))
+        version = (b"x-model-version", str(model.number).encode())
+        try:
+            with self.s.recorded(call, self.unrecorded):
+                if self.s.log.payloads:
+                    call.payload_in = body
+                out, headers = await handler(model, request, call)
+                call.status, call.bytes_out = 200, len(out)
+                if self.s.log.payloads:
+                    call.payload_out = out
+        except Exception as exc:  # the version was chosen: its answer names it, errors too
+            status, out, headers = _failure(request, exc)
+            return status, out, [*headers, version]
+        headers.append(version)
         return 200, out, headers
 
     async def _v2(self, model: LoadedModel, request: Request, call: Call):
@@ -340,6 +341,17 @@ class WorkerApp:
         names = [o.name for o in model.outputs]
         arrays = await self.s.run(model, feeds, names, call, self._alone())
         return codecs_v1.encode_predict(dict(zip(names, arrays)), form), list(JSON)
+
+
+def _failure(request: Request, exc: Exception) -> tuple[int, bytes, list]:
+    """The answer to a request that raised ``exc``: its status and message for an
+    MserveError (503 with Retry-After), else a logged 500."""
+    if isinstance(exc, MserveError):
+        if exc.status == 503:
+            return 503, codecs.encode_error(exc.message), JSON + [(b"retry-after", b"1")]
+        return exc.status, codecs.encode_error(exc.message), JSON
+    log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
+    return 500, codecs.encode_error("internal error (see the deployment log)"), JSON
 
 
 def _json(obj) -> tuple[int, bytes, list]:

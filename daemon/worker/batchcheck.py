@@ -48,10 +48,11 @@ class Decision:
 
 def decide(mode: str, inputs: list[TensorSpec], input_dims: list[Sequence[Dim]],
            outputs: list[TensorSpec], output_dims: list[Sequence[Dim] | None],
-           operators: set[str], run: Runner, json_outputs: frozenset[str] = frozenset()
-           ) -> Decision:
+           operators: set[str], run: Runner, json_outputs: frozenset[str] = frozenset(),
+           fill: int = 1) -> Decision:
     """Decide for one version; ``run(feeds)`` runs it once and returns every output in the
-    order of ``outputs``. ``*_dims`` are ONNX Runtime's shapes (names kept)."""
+    order of ``outputs``. ``*_dims`` are ONNX Runtime's shapes (names kept); ``fill`` is the
+    size sample inputs give dynamic dims other than dim 0 (one the warm-up ran with)."""
     if mode == "off":
         return Decision(False, "batching is off (--batching off)")
     if problem := _inputs_problem(inputs, input_dims):
@@ -61,7 +62,7 @@ def decide(mode: str, inputs: list[TensorSpec], input_dims: list[Sequence[Dim]],
     batch = _batch_name(input_dims)
     if problem := _outputs_problem(outputs, output_dims, batch, operators):
         return Decision(False, problem)
-    if problem := _joined_problem(inputs, outputs, run, json_outputs):
+    if problem := _joined_problem(inputs, outputs, run, json_outputs, fill):
         return Decision(False, problem)
     return Decision(True, "dim 0 is the batch, and a joined run equals separate runs")
 
@@ -102,11 +103,11 @@ def _outputs_problem(outputs: list[TensorSpec], dims: list[Sequence[Dim] | None]
 
 
 def _joined_problem(inputs: list[TensorSpec], outputs: list[TensorSpec], run: Runner,
-                    json_outputs: frozenset[str]) -> str | None:
+                    json_outputs: frozenset[str], fill: int) -> str | None:
     """Run a 1-row and a 2-row request separately and joined; what differs, or None."""
     rng = np.random.default_rng(SEED)
-    first = {s.name: _sample(s, 1, rng, 1.0) for s in inputs}
-    second = {s.name: _sample(s, 2, rng, 3.0) for s in inputs}
+    first = {s.name: _sample(s, 1, fill, rng, 1.0) for s in inputs}
+    second = {s.name: _sample(s, 2, fill, rng, 3.0) for s in inputs}
     joined = {name: np.concatenate([first[name], second[name]]) for name in first}
     try:
         alone = [run(first), run(second)]
@@ -126,9 +127,10 @@ def _joined_problem(inputs: list[TensorSpec], outputs: list[TensorSpec], run: Ru
     return None
 
 
-def _sample(spec: TensorSpec, rows: int, rng: np.random.Generator, scale: float) -> np.ndarray:
-    """Sample values for one input: dim 0 = rows, other unknown dims 1; rows differ."""
-    shape = (rows,) + tuple(1 if d < 0 else d for d in spec.shape[1:])
+def _sample(spec: TensorSpec, rows: int, fill: int, rng: np.random.Generator,
+            scale: float) -> np.ndarray:
+    """Sample values for one input: dim 0 = rows, other unknown dims ``fill``; rows differ."""
+    shape = (rows,) + tuple(fill if d < 0 else d for d in spec.shape[1:])
     kind = spec.datatype
     if kind == "BYTES":
         words = np.array(["alpha", "beta", "gamma delta", "epsilon", "zeta eta"], dtype=object)

@@ -66,7 +66,8 @@ class Batcher:
         self.max_queue = max_queue or DEFAULT_MAX_QUEUE
         self.pending: deque[Job] = deque()
         self.inflight = 0  # submitted and not answered
-        self.cost: float | None = None  # seconds per input element, moving average of runs
+        # Seconds per input element: a moving average of runs, from the load's warm run.
+        self.cost: float | None = getattr(model, "warm_cost", None)
         # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() (and so
         # every asyncio.Event.wait) costs a getpid() system call, 10 % of a busy worker here.
         self.loop = asyncio.get_running_loop()

@@ -53,6 +53,9 @@ ORT_TYPES: dict[str, str] = {
 }
 
 _DATATYPE_BY_DTYPE = {dtype: name for name, dtype in DTYPES.items() if name != "BYTES"}
+# The numpy scalar types orjson serializes; ONNX Runtime can return arrays of an equivalent
+# type it does not know (numpy.longlong for INT64, numpy.ulonglong for UINT64).
+_ORJSON_TYPES = frozenset(dtype.type for dtype in _DATATYPE_BY_DTYPE)
 _JSON_TYPE_NAMES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
                     int: "a number", float: "a number", type(None): "null"}
 
@@ -495,14 +498,19 @@ def json_ready(array: np.ndarray):
     """What orjson (with OPT_SERIALIZE_NUMPY) writes as the array's nested JSON list.
 
     BYTES become str, decoded as UTF-8 with undecodable bytes replaced by U+FFFD; FP16 widens to
-    FP32. NaN and infinities come out as null, which is what orjson writes for them.
+    FP32. NaN and infinities come out as null, which is what orjson writes for them. An array
+    comes back native, C-ordered and of a dtype whose elements orjson also writes one by one
+    (a V1 row of a 1-D output is one element).
     """
     if array.dtype.kind in "OUS":
         texts = [_text(item) for item in array.reshape(-1)]
         return np.array(texts, dtype=object).reshape(array.shape).tolist()
     if array.dtype == np.float16:
         array = array.astype(np.float32)
-    array = np.asarray(array, dtype=array.dtype.newbyteorder("="), order="C")
+    dtype = array.dtype.newbyteorder("=")
+    if dtype.type not in _ORJSON_TYPES:  # e.g. numpy.longlong: the same bytes, viewed as int64
+        dtype = DTYPES[datatype_of(array)]
+    array = np.asarray(array, dtype=dtype, order="C")
     return array.item() if array.ndim == 0 else array
 
 

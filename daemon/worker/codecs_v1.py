@@ -1,7 +1,8 @@
 """TF Serving / KServe V1 ``:predict`` codec: the row ("instances") and columnar ("inputs") forms.
 
 Values are cast to each input's declared datatype and checked with the v2 codec's rules; BYTES
-inputs also take ``{"b64": "..."}``. JSON has no NaN or Infinity here (orjson is strict).
+inputs also take ``{"b64": "..."}``. JSON has no NaN or Infinity here (orjson is strict);
+outputs write them as null, as v2 does.
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.errors import BadRequest
 from mserve.daemon.worker.codecs import (DEFAULT_MAX_ELEMENTS, TensorSpec, array_from_json,
                                          check_input_names, check_shape, json_ready,
-                                         load_json_object)
+                                         load_json_object, shape_text)
 
 FORMS = ("instances", "inputs")
 
@@ -85,7 +86,8 @@ def _to_array(name: str, value, spec: TensorSpec, max_elements: int) -> np.ndarr
 def encode_predict(outputs: dict[str, np.ndarray], form: str) -> bytes:
     """Encode a predict response: {"predictions": rows} or {"outputs": value or {name: value}}.
 
-    BYTES become str (UTF-8, undecodable bytes replaced) and FP16 becomes float, as in v2.
+    Numbers as numbers (FP16 widened, NaN and infinities as null), BOOL as true/false, BYTES
+    as str (UTF-8, undecodable bytes replaced), as in v2.
     """
     if form == "instances":
         doc = {"predictions": _predictions(outputs)}
@@ -98,15 +100,36 @@ def encode_predict(outputs: dict[str, np.ndarray], form: str) -> bytes:
 
 
 def _predictions(outputs: dict[str, np.ndarray]):
-    """Rows over the batch: one output's rows, or per row an object {output name: row}."""
+    """Rows over the batch: one output's rows, or per row an object {output name: row}.
+
+    A lone 0-d output is one row. Several outputs must share dim 0 (see ``_batch_size``).
+    """
     if not outputs:
         return []
     if len(outputs) == 1:
         (array,) = outputs.values()
         return json_ready(array.reshape(1) if array.ndim == 0 else array)
-    batches = {array.shape[0] if array.ndim else None for array in outputs.values()}
-    if len(batches) != 1 or None in batches:
-        shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in outputs.items())
-        raise MserveError(f"outputs do not share a batch dimension for 'predictions': {shapes}")
-    ready = {name: json_ready(array) for name, array in outputs.items()}
-    return [{name: rows[index] for name, rows in ready.items()} for index in range(batches.pop())]
+    size = _batch_size(outputs)
+    columns = [(name, json_ready(array)) for name, array in outputs.items()]
+    return [{name: rows[index] for name, rows in columns} for index in range(size)]
+
+
+def _batch_size(outputs: dict[str, np.ndarray]) -> int:
+    """The dim 0 that several outputs share, else BadRequest (400) naming the first output
+    that differs: TF Serving answers INVALID_ARGUMENT "Tensor name: X has inconsistent batch
+    size: 3 expecting: 2" (or "has no shape information" for a 0-d one) in this case."""
+    first, array = next(iter(outputs.items()))
+    size = array.shape[0] if array.ndim else None
+    for name, other in outputs.items():
+        if other.ndim == 0:
+            problem = f"output '{name}' is a scalar (shape [])"
+        elif other.shape[0] != size:
+            problem = (f"output '{name}' has {other.shape[0]} rows (shape "
+                       f"{shape_text(other.shape)}) but '{first}' has {size} "
+                       f"(shape {shape_text(array.shape)})")
+        else:
+            continue
+        raise BadRequest(f"the outputs do not share a batch dimension, so they cannot be rows "
+                         f"of 'predictions': {problem}; send the columnar form "
+                         "{\"inputs\": ...} to get each output whole")
+    return size

@@ -196,12 +196,16 @@ class Servicer:
             raise BadRequest("the request is not a valid ModelInferRequest message") from None
         model = s.model(msg.model_name, msg.model_version or None, None, headers)
         call.version = model.number
-        with s.recorded(call):
-            call.bytes_in = len(raw)
-            request = infer_request(msg, s.max_elements)
-            results = await s.infer(model, request, call)
-            out = infer_response(s.name, str(model.number), msg.id, results)
-            call.status, call.bytes_out = 200, len(out)
+        try:
+            with s.recorded(call):
+                call.bytes_in = len(raw)
+                request = infer_request(msg, s.max_elements)
+                results = await s.infer(model, request, call)
+                out = infer_response(s.name, str(model.number), msg.id, results)
+                call.status, call.bytes_out = 200, len(out)
+        except Exception:  # the version was chosen: the error's trailers name it
+            context.set_trailing_metadata((("x-model-version", str(model.number)),))
+            raise
         return out
 
     def _rpc(self, method, *, open_: bool = False):

@@ -47,6 +47,8 @@ class LoadedModel:
     size_bound: bool = False  # run time depends on input sizes only (graphscan.size_bound)
     batching: batchcheck.Decision = batchcheck.Decision(False, "not checked yet")
     notes: list[str] = field(default_factory=list)  # what loading had to work around
+    warm_cost: float | None = None  # seconds per input element of a warm run (batcher.py)
+    fill: int = 1  # the size given to dynamic dims other than dim 0 in warm-up and checks
     _turn: itertools.count = field(default_factory=itertools.count)
 
     @property
@@ -102,6 +104,7 @@ def load(number: int, path: str, device: str = "auto", instances: int = 1,
     )
     warm_up(model)
     model.batching = _decide_batching(model, first, batching, ops)
+    model.warm_cost = _warm_cost(model)
     model.load_ms = (time.perf_counter() - start) * 1000
     return model
 
@@ -113,7 +116,7 @@ def _decide_batching(model: LoadedModel, session, mode: str, ops) -> batchcheck.
         model.outputs, [None if _is_map(a.type) else list(a.shape or ())
                         for a in session.get_outputs()],
         {op for _, op in ops or ()}, lambda feeds: model.run(feeds, names, 0),
-        model.json_outputs)
+        model.json_outputs, model.fill)
 
 
 def _first_session(path: str, device: str, threads: int):
@@ -211,20 +214,45 @@ def _as_array(value) -> np.ndarray:
     return out
 
 
+# Sizes tried for dynamic dims other than dim 0 until a warm-up run works (a CNN exported
+# with dynamic height and width cannot run on 1x1 images).
+FILL_SIZES = (1, 8, 32, 64, 224)
+
+
 def warm_up(model: LoadedModel) -> None:
-    """Run the model once on zeros (dynamic dims = 1) so the first request is not slow."""
-    feeds = {s.name: _zeros(s) for s in model.inputs}
+    """Run the model once on zeros (dim 0 = 1, other dynamic dims the first size that runs)
+    so the first request is not slow; that size is kept for the batching check."""
     names = [s.name for s in model.outputs]
-    for session in model.sessions:
+    dynamic = any(d < 0 for s in model.inputs for d in s.shape[1:])
+    for fill in FILL_SIZES if dynamic else FILL_SIZES[:1]:
+        feeds = {s.name: _zeros(s, fill) for s in model.inputs}
         try:
-            session.run(names, feeds)
+            for session in model.sessions:
+                session.run(names, feeds)
         except Exception as exc:
-            raise DeployFailed(f"the model loaded but failed its warm-up run: {_short(exc)}") \
-                from None
+            error = exc
+            continue
+        model.fill = fill
+        return
+    raise DeployFailed(f"the model loaded but failed its warm-up run: {_short(error)}") \
+        from None
 
 
-def _zeros(spec: TensorSpec) -> np.ndarray:
-    shape = tuple(1 if d < 0 else d for d in spec.shape)
+def _warm_cost(model: LoadedModel) -> float | None:
+    """Seconds per input element of one warm run on the warm-up input: the batcher's first
+    estimate of what a request costs (before it has timed any), so a lone request can run
+    inline from the first one (a cold run in a fresh thread would overstate it)."""
+    feeds = {s.name: _zeros(s, model.fill) for s in model.inputs}
+    start = time.perf_counter()
+    try:
+        model.sessions[0].run([s.name for s in model.outputs], feeds)
+    except Exception:
+        return None
+    return (time.perf_counter() - start) / max(1, sum(a.size for a in feeds.values()))
+
+
+def _zeros(spec: TensorSpec, fill: int = 1) -> np.ndarray:
+    shape = tuple(d if d >= 0 else 1 if i == 0 else fill for i, d in enumerate(spec.shape))
     if spec.datatype == "BYTES":
         return np.full(shape, "", dtype=object)
     return np.zeros(shape, dtype=DTYPES[spec.datatype])
