@@ -56,22 +56,9 @@ def encode_varint(value: int) -> bytes:
 
 def fields(buf, start: int, end: int):
     """(field number, start, end) of each length-delimited field in buf[start:end]."""
-    pos = start
-    while pos < end:
-        key, pos = varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        elif wire == 2:
-            size, pos = varint(buf, pos)
-            yield number, pos, pos + size
-            pos += size
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+    for number, wire, _, a, b in walk(buf, start, end):
+        if wire == 2:
+            yield number, a, b
 
 
 def text(buf, start: int, end: int) -> str:
@@ -109,16 +96,17 @@ def external_data_locations(path: str | os.PathLike) -> list[str]:
             buf.release()
 
 
-def _walk(buf, start: int, end: int):
-    """(field number, wire type, a, b) of each field in buf[start:end]: for a varint its
-    value and the position after it, otherwise where its bytes lie. Checks the bounds."""
+def walk(buf, start: int, end: int):
+    """(field number, wire type, begin, a, b) of each field in buf[start:end]: ``begin`` is
+    where the field (its key) starts; for a varint ``a`` is its value and ``b`` the position
+    after it, otherwise [a, b) is where its bytes lie. Checks the bounds."""
     pos = start
     while pos < end:
+        begin = pos
         key, pos = varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
-            value, pos = varint(buf, pos)
-            a = value
+            a, pos = varint(buf, pos)
         elif wire == 2:
             size, a = varint(buf, pos)
             pos = a + size
@@ -128,12 +116,12 @@ def _walk(buf, start: int, end: int):
             raise ValueError(f"unsupported protobuf wire type {wire}")
         if pos > end:
             raise ValueError("truncated protobuf field")
-        yield number, wire, a, pos
+        yield number, wire, begin, a, pos
 
 
 def _visit(buf, start: int, end: int, found: set[str], handlers: dict) -> None:
     """Hand each embedded message of buf[start:end] whose field has a handler to it."""
-    for number, wire, a, b in _walk(buf, start, end):
+    for number, wire, _, a, b in walk(buf, start, end):
         handler = handlers.get(number)
         if handler is not None and wire == 2:
             handler(buf, a, b, found)
@@ -141,7 +129,7 @@ def _visit(buf, start: int, end: int, found: set[str], handlers: dict) -> None:
 
 def _tensor(buf, start: int, end: int, found: set[str]) -> None:
     external, location = False, None
-    for number, wire, a, b in _walk(buf, start, end):
+    for number, wire, _, a, b in walk(buf, start, end):
         if number == TENSOR_DATA_LOCATION and wire == 0:
             external = a == EXTERNAL  # a repeated scalar: the last one counts
         elif number == TENSOR_EXTERNAL_DATA and wire == 2:
@@ -154,7 +142,7 @@ def _tensor(buf, start: int, end: int, found: set[str]) -> None:
 
 def _entry(buf, start: int, end: int) -> tuple[str, str]:
     key = value = ""
-    for number, wire, a, b in _walk(buf, start, end):
+    for number, wire, _, a, b in walk(buf, start, end):
         if number == ENTRY_KEY and wire == 2:
             key = text(buf, a, b)
         elif number == ENTRY_VALUE and wire == 2:

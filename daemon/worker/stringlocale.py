@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mserve.daemon.onnxproto import (MODEL_GRAPH, NODE_ATTRIBUTE, NODE_OP_TYPE, GRAPH_NODE,
-                                     encode_varint, length_delimited, text, varint)
+from mserve.daemon.onnxproto import (GRAPH_NODE, MODEL_GRAPH, NODE_ATTRIBUTE, NODE_OP_TYPE,
+                                     encode_varint, length_delimited, text, walk)
 
 FALLBACK = "C.UTF-8"
 SUBSTITUTABLE = {"", "en_US", "en_US.UTF-8", "en_US.utf8"}
@@ -46,32 +46,11 @@ def with_fallback_locale(path: str | Path) -> bytes:
     return bytes(_rewrite(data, 0, len(data), _model_field))
 
 
-def _spans(buf, start: int, end: int):
-    """(field number, wire type, field start, payload start, field end) of every field."""
-    pos = start
-    while pos < end:
-        begin = pos
-        key, pos = varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = varint(buf, pos)
-            yield number, wire, begin, pos, pos
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            yield number, wire, begin, pos, pos
-        elif wire == 2:
-            size, payload = varint(buf, pos)
-            pos = payload + size
-            yield number, wire, begin, payload, pos
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
 def _rewrite(buf, start: int, end: int, edit) -> bytearray:
     """Copy buf[start:end] field by field; ``edit(number, payload)`` may replace a
     length-delimited field's payload (return None to keep it)."""
     out = bytearray()
-    for number, wire, begin, payload, finish in _spans(buf, start, end):
+    for number, wire, begin, payload, finish in walk(buf, start, end):
         replaced = edit(number, buf, payload, finish) if wire == 2 else None
         out += buf[begin:finish] if replaced is None else length_delimited(number, replaced)
     return out
@@ -86,7 +65,7 @@ def _graph_field(number: int, buf, start: int, end: int) -> bytes | None:
         return None
     out = bytearray()
     found = False
-    for field, wire, begin, payload, finish in _spans(buf, start, end):
+    for field, wire, begin, payload, finish in walk(buf, start, end):
         if field == NODE_ATTRIBUTE and wire == 2 and _attr_name(buf, payload, finish) == "locale":
             found = True
             value = _attr_string(buf, payload, finish)
@@ -101,16 +80,16 @@ def _graph_field(number: int, buf, start: int, end: int) -> bytes | None:
 
 def _is_string_normalizer(buf, start: int, end: int) -> bool:
     return any(field == NODE_OP_TYPE and wire == 2 and text(buf, a, b) == "StringNormalizer"
-               for field, wire, _, a, b in _spans(buf, start, end))
+               for field, wire, _, a, b in walk(buf, start, end))
 
 
 def _attr_name(buf, start: int, end: int) -> str | None:
-    return next((text(buf, a, b) for field, wire, _, a, b in _spans(buf, start, end)
+    return next((text(buf, a, b) for field, wire, _, a, b in walk(buf, start, end)
                  if field == ATTR_NAME and wire == 2), None)
 
 
 def _attr_string(buf, start: int, end: int) -> str:
-    return next((text(buf, a, b) for field, wire, _, a, b in _spans(buf, start, end)
+    return next((text(buf, a, b) for field, wire, _, a, b in walk(buf, start, end)
                  if field == ATTR_S and wire == 2), "")
 
 
