@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import shutil
@@ -22,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from mserve.daemon import faults
+from mserve.daemon import faults, validation
 from mserve.daemon import state as st
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
 from mserve.daemon.paths import Paths, check_name, ensure_private_dir
@@ -341,26 +340,8 @@ class Deployments:
         return None
 
     async def probe(self, path: str, device: str, batching: str = "auto") -> dict:
-        """Load and warm ``path`` in a short-lived process, bounded in time."""
-        proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "mserve.daemon.worker.probe", path, device, batching or "auto",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        timeout = load_timeout()
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise DeployFailed(f"loading the model took longer than {timeout:.0f} s "
-                               "(MSERVE_LOAD_TIMEOUT); it was stopped") from None
-        lines = out.decode(errors="replace").strip().splitlines()
-        answer = json.loads(lines[-1]) if lines else {}
-        if proc.returncode == 0 and "error" not in answer:
-            return answer
-        if "error" in answer:
-            raise DeployFailed(answer["error"])
-        raise DeployFailed(f"loading the model crashed ONNX Runtime (exit {proc.returncode})"
-                           f"{_last_line(err)}")
+        """Load, warm and check ``path`` in a short-lived process (validation.py)."""
+        return await validation.probe(self.python, path, device, batching, load_timeout())
 
     # ---- rollback, undeploy ------------------------------------------------------------
     async def rollback(self, name: str, to: int | None) -> dict:
@@ -485,8 +466,3 @@ def _version_view(v: dict) -> dict:
             "device": meta.get("device"), "batchable": meta.get("batchable"),
             "batching": meta.get("batching"),
             "error": v.get("error")}
-
-
-def _last_line(err: bytes) -> str:
-    lines = [l for l in err.decode(errors="replace").splitlines() if l.strip()]
-    return f": {lines[-1].strip()[:300]}" if lines else ""
