@@ -178,3 +178,27 @@ def test_a_cnn_with_dynamic_height_and_width_warms_up_and_batches(tmp_path):
     path = _save(tmp_path / "cnn.onnx", nodes, [x], [y], [_weights("k", (4, 3, 3, 3))])
     model = runtime.load(1, path)
     assert model.fill == 8 and model.batchable, model.batching.reason
+
+
+def test_a_model_that_refuses_random_samples_is_checked_with_warm_up_values(tmp_path):
+    """A one-hot encoder that knows only its own categories (zeros=0: an unknown one is an
+    error) beside a float input: checked again with empty strings, and batched."""
+    cats = helper.make_tensor_value_info("cat", TensorProto.STRING, ["N", 1])
+    num = helper.make_tensor_value_info("num", TensorProto.FLOAT, ["N", 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    nodes = [helper.make_node("OneHotEncoder", ["cat"], ["hot"], domain="ai.onnx.ml",
+                              cats_strings=["", "known"], zeros=0),
+             helper.make_node("Reshape", ["hot", "shape"], ["flat"]),
+             helper.make_node("Add", ["flat", "num"], ["y"])]
+    shape = numpy_helper.from_array(np.array([-1, 2], dtype=np.int64), "shape")
+    graph = helper.make_graph(nodes, "onehot", [cats, num], [y], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    path = tmp_path / "onehot.onnx"
+    onnx.save(model, str(path))
+    loaded = runtime.load(1, str(path))
+    assert loaded.batchable, loaded.batching.reason
+    with pytest.raises(Exception, match="could not run"):
+        loaded.run({"cat": np.array([["alpha"]], dtype=object),
+                    "num": np.zeros((1, 1), np.float32)}, ["y"])

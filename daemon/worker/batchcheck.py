@@ -104,16 +104,23 @@ def _outputs_problem(outputs: list[TensorSpec], dims: list[Sequence[Dim] | None]
 
 def _joined_problem(inputs: list[TensorSpec], outputs: list[TensorSpec], run: Runner,
                     json_outputs: frozenset[str], fill: int) -> str | None:
-    """Run a 1-row and a 2-row request separately and joined; what differs, or None."""
-    rng = np.random.default_rng(SEED)
-    first = {s.name: _sample(s, 1, fill, rng, 1.0) for s in inputs}
-    second = {s.name: _sample(s, 2, fill, rng, 3.0) for s in inputs}
-    joined = {name: np.concatenate([first[name], second[name]]) for name in first}
-    try:
-        alone = [run(first), run(second)]
-        together = run(joined)
-    except Exception as exc:  # the check itself cannot tell: do not batch
-        return f"the batching check could not run the model on sample rows ({exc})"
+    """Run a 1-row and a 2-row request separately and joined; what differs, or None. Sample
+    values are random; a model that refuses them (a string category it does not know, an
+    index past its table) is checked again with random floats and the warm-up's zeros and
+    empty strings elsewhere."""
+    for only_floats in (False, True):
+        rng = np.random.default_rng(SEED)
+        first = {s.name: _sample(s, 1, fill, rng, 1.0, only_floats) for s in inputs}
+        second = {s.name: _sample(s, 2, fill, rng, 3.0, only_floats) for s in inputs}
+        joined = {name: np.concatenate([first[name], second[name]]) for name in first}
+        try:
+            alone = [run(first), run(second)]
+            together = run(joined)
+            break
+        except Exception as exc:  # the check itself cannot tell: do not batch
+            failure = f"the batching check could not run the model on sample rows ({exc})"
+    else:
+        return failure
     for index, spec in enumerate(outputs):
         parts = [alone[0][index], alone[1][index]]
         whole = together[index]
@@ -128,18 +135,22 @@ def _joined_problem(inputs: list[TensorSpec], outputs: list[TensorSpec], run: Ru
 
 
 def _sample(spec: TensorSpec, rows: int, fill: int, rng: np.random.Generator,
-            scale: float) -> np.ndarray:
-    """Sample values for one input: dim 0 = rows, other unknown dims ``fill``; rows differ."""
+            scale: float, only_floats: bool = False) -> np.ndarray:
+    """Sample values for one input: dim 0 = rows, other unknown dims ``fill``; rows differ
+    (with ``only_floats``, non-float inputs are zeros or empty strings, as in warm-up)."""
     shape = (rows,) + tuple(fill if d < 0 else d for d in spec.shape[1:])
     kind = spec.datatype
     if kind == "BYTES":
+        if only_floats:
+            return np.full(shape, "", dtype=object)
         words = np.array(["alpha", "beta", "gamma delta", "epsilon", "zeta eta"], dtype=object)
         return rng.choice(words, size=shape)
     dtype = DTYPES[kind]
-    if kind == "BOOL":
-        return rng.random(shape) < 0.5
-    if dtype.kind in "iu":
-        return rng.integers(0, 2, size=shape).astype(dtype)
+    if dtype.kind in "biu":
+        if only_floats:
+            return np.zeros(shape, dtype=dtype)
+        return rng.random(shape) < 0.5 if kind == "BOOL" else \
+            rng.integers(0, 2, size=shape).astype(dtype)
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
