@@ -54,6 +54,20 @@ def test_a_time_major_gru_is_not_batched_and_answers_right(shared, model_dir):
     shared.ok("undeploy", "gru-tm")
 
 
+def test_an_empty_tensor_is_refused_and_the_worker_lives(shared, model_dir):
+    """ONNX Runtime's GRU kernel aborts the whole process on a zero-length sequence or
+    batch: such a request is a 400, and the worker keeps serving."""
+    path = shapes.gru(model_dir / "gru_empty.onnx", with_state=True)
+    d = shared.json("deploy", path, "--name", "gru-empty")["deployment"]
+    for shape in ([0, 1, 8], [5, 0, 8]):
+        r = _infer(d["url"], "gru-empty", np.zeros(shape, np.float32))
+        assert r.status_code == 400 and "size 0" in r.json()["error"], r.text
+    assert _infer(d["url"], "gru-empty", np.ones((2, 1, 8), np.float32)).status_code == 200
+    after = shared.deployment("gru-empty")
+    assert after["pid"] == d["pid"] and after["restarts"] == 0
+    shared.ok("undeploy", "gru-empty")
+
+
 def test_batching_on_and_off_are_the_users_call(shared, model_dir):
     path = shapes.gru(model_dir / "gru_on.onnx", with_state=False)
     forced = shared.json("deploy", path, "--name", "gru-on", "--batching", "on")

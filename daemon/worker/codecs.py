@@ -184,6 +184,9 @@ def check_shape(label: str, shape: tuple[int, ...], spec: TensorSpec) -> None:
     for axis, (want, got) in enumerate(zip(spec.shape, shape, strict=True)):
         if want >= 0 and want != got:
             raise BadRequest(f"{label}: dimension {axis} must be {want}, got {got}")
+    if 0 in shape:  # ONNX Runtime's RNN kernels (GRU, LSTM) abort the process on these
+        raise BadRequest(f"{label}: shape {shape_text(shape)} has a dimension of size 0; "
+                         "mserve does not run models on empty tensors")
 
 
 def check_input_names(names: Iterable[str], specs: list[TensorSpec]) -> None:
