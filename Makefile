@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_HOME ?= $(CURDIR)/.mserve-demo
 
-.PHONY: demo test install clean demo-stop completions bench soak
+.PHONY: demo test install clean demo-stop completions bench soak zoo perf-analyzer \
+        perf-analyzer-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,11 @@ demo: install
 demo-stop:
 	MSERVE_HOME=$(DEMO_HOME) $(BIN)/mserve daemon stop
 
+# perf_analyzer's test runs when its tools can be had here (downloaded once into .venv-pa);
+# without them it skips, saying why.
 test: install
+	-@$(MAKE) --no-print-directory perf-analyzer-tools >/dev/null 2>&1 \
+	  || echo "make test: perf_analyzer could not be installed; tests/test_perf_analyzer.py will skip"
 	$(BIN)/python -m pytest -q
 
 # Benchmarks against a FastAPI baseline and KServe, measured in one run (docs/benchmarks.md).
@@ -38,6 +43,39 @@ bench: install
 # Mixed good/bad load, deploys, rollbacks and a worker kill (docs/reliability.md).
 soak: install
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+# Models exported by real PyTorch (CPU wheel, into $(VENV)) served and checked against
+# ONNX Runtime and torch itself (tests/test_e2e_torch_zoo.py). Where the +cpu wheel is not on
+# your index: make zoo TORCH_PIP_ARGS='--extra-index-url https://download.pytorch.org/whl/cpu'
+TORCH ?= torch==2.13.0+cpu
+TORCH_PIP_ARGS ?=
+zoo: install
+	@$(BIN)/python -m pip install -qq $(TORCH_PIP_ARGS) '$(TORCH)' onnxscript || { \
+	  echo "make zoo: could not install $(TORCH) and onnxscript into $(VENV) (see pip's" \
+	       "error above); set TORCH=... or TORCH_PIP_ARGS=... and try again" >&2; exit 1; }
+	$(BIN)/python -m pytest -q tests/test_e2e_torch_zoo.py
+
+# Triton's perf_analyzer against mserve over HTTP and gRPC (bench/perf_analyzer.py; options in
+# PA_ARGS). It ships in the tritonclient 2.45 wheel, installed into its own venv $(PA_VENV) so
+# the project keeps its newer tritonclient, with nvidia-cuda-runtime-cu12 (it loads libcudart
+# even on CPU); it also needs Debian's libb64-0d (apt-get install libb64-0d).
+PA_VENV ?= .venv-pa
+PA_TRITONCLIENT ?= tritonclient==2.45.0
+perf-analyzer: install perf-analyzer-tools
+	$(BIN)/python bench/perf_analyzer.py --venv $(PA_VENV) $(PA_ARGS)
+
+perf-analyzer-tools: $(PA_VENV)/bin/perf_analyzer
+	@ldconfig -p | grep -q 'libb64\.so\.0d' || { [ "$$(id -u)" = 0 ] \
+	  && command -v apt-get >/dev/null \
+	  && { apt-get install -y -qq libb64-0d >/dev/null 2>&1 \
+	       || { apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; }; }; } \
+	  || { echo "perf_analyzer needs Debian's libb64-0d: apt-get install libb64-0d" >&2; exit 1; }
+
+$(PA_VENV)/bin/perf_analyzer:
+	$(PYTHON) -m venv $(PA_VENV)
+	echo '*' > $(PA_VENV)/.gitignore
+	$(PA_VENV)/bin/python -m pip install -qq '$(PA_TRITONCLIENT)' nvidia-cuda-runtime-cu12
+	@test -x $@ || { echo "make perf-analyzer: $(PA_TRITONCLIENT) installed no $@" >&2; exit 1; }
 
 completions: install
 	$(BIN)/python completions/generate.py

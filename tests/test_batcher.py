@@ -48,7 +48,7 @@ async def burst(batcher, arrays):
 
 
 def make(model, **kw):
-    return Batcher(model, ThreadPoolExecutor(2), Metrics("t"), **kw)
+    return Batcher(model, ThreadPoolExecutor(2), Metrics("t").version("1"), **kw)
 
 
 def test_concurrent_requests_share_runs_and_get_their_own_rows():

@@ -14,7 +14,9 @@ pytestmark = pytest.mark.e2e
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name + " "))
+    """The sum of a metric's samples over every label set."""
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
+               if l.startswith((name + " ", name + "{")))
 
 
 def test_concurrent_requests_are_batched_and_answered_correctly(shared, model_dir):

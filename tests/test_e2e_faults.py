@@ -83,7 +83,7 @@ def test_sigterm_drains_requests_in_flight(mserve, tmp_path):
     with ThreadPoolExecutor(2) as pool:
         pending = [pool.submit(httpx.post, url + "/v2/models/slow/infer", json=body, timeout=60)
                    for _ in range(2)]
-        wait_for(lambda: "mserve_queue_depth 2.0" in httpx.get(url + "/metrics").text,
+        wait_for(lambda: 'mserve_queue_depth{model="slow",version="1"} 2.0' in httpx.get(url + "/metrics").text,
                  what="requests in flight")
         os.kill(daemon, signal.SIGTERM)
         answers = [f.result() for f in pending]

@@ -107,12 +107,17 @@ def rpc_error(call, *args, **kw) -> grpc.RpcError:
 
 
 def test_descriptors_match_tritonclients():
-    """Every message and RPC of ours has tritonclient's field names, numbers and types."""
+    """Every message, enum and RPC of ours has tritonclient's field names, numbers, types and
+    enum values (the model configuration's messages are tritonclient's model_config.proto)."""
     from mserve.daemon.worker.proto import grpc_service_pb2 as ours
 
     def fields(message) -> dict:
-        return {f.name: (f.number, f.type, f.label, f.message_type and f.message_type.full_name)
-                for f in message.fields}
+        return {f.name: (f.number, f.type, f.is_repeated,
+                         f.message_type and f.message_type.full_name,
+                         f.enum_type and f.enum_type.full_name) for f in message.fields}
+
+    def values(enum) -> dict:
+        return {v.name: v.number for v in enum.values}
 
     def walk(message):
         yield message
@@ -120,17 +125,26 @@ def test_descriptors_match_tritonclients():
             yield from walk(nested)
 
     theirs_pool = service_pb2.DESCRIPTOR.pool
+    enums = list(ours.DESCRIPTOR.enum_types_by_name.values())
     for top in ours.DESCRIPTOR.message_types_by_name.values():
         for message in walk(top):
+            enums.extend(message.enum_types)
             assert fields(message) == {k: v for k, v in fields(
                 theirs_pool.FindMessageTypeByName(message.full_name)).items()
                 if k in fields(message)}, message.full_name
+    assert "inference.ModelConfig" in {m.full_name for m in
+                                       ours.DESCRIPTOR.message_types_by_name.values()}
+    for enum in enums:
+        assert values(enum) == values(theirs_pool.FindEnumTypeByName(enum.full_name)), \
+            enum.full_name
     ours_service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     theirs_service = theirs_pool.FindServiceByName("inference.GRPCInferenceService")
     for method in ours_service.methods:
         twin = theirs_service.methods_by_name[method.name]
-        assert (method.input_type.full_name, method.output_type.full_name) == \
-            (twin.input_type.full_name, twin.output_type.full_name)
+        assert (method.input_type.full_name, method.output_type.full_name,
+                method.client_streaming, method.server_streaming) == \
+            (twin.input_type.full_name, twin.output_type.full_name, twin.client_streaming,
+             twin.server_streaming), method.name
 
 
 def test_error_statuses_map_to_grpc_codes():
@@ -207,7 +221,8 @@ def test_calls_reach_the_request_log_and_metrics(served, shared):
     assert ok["bytes_out"] > 0 and ok["client"].startswith("127.0.0.1:")
     assert failed["status"] == 400 and failed["error"] == "missing input 'b'"
     metrics = httpx.get(d["url"] + "/metrics").text
-    assert 'mserve_requests_total{code="400",outcome="failure",version="1"}' in metrics
+    assert 'mserve_requests_total{code="400",model="gmixed",outcome="failure",version="1"}' \
+        in metrics
 
 
 def test_every_datatype_raw_and_typed(served):
@@ -421,7 +436,8 @@ def test_undeploy_drains_calls_in_flight(shared, model_dir):
     answer = {}
     caller = threading.Thread(target=lambda: answer.update(y=c.infer("gslow", [x, n])))
     caller.start()
-    wait_for(lambda: "mserve_queue_depth 1.0" in httpx.get(d["url"] + "/metrics").text,
+    wait_for(lambda: 'mserve_queue_depth{model="gslow",version="1"} 1.0' in httpx.get(
+                 d["url"] + "/metrics").text,
              what="the call to be running")
     shared.ok("undeploy", "gslow")
     caller.join()
@@ -436,7 +452,8 @@ def test_a_cancelled_call_counts_as_cancelled_not_failed(shared, model_dir):
     with pytest.raises(InferenceServerException, match="Deadline"):
         c.infer("gcancel", inputs, client_timeout=0.05)
     c.close()
-    wanted = 'mserve_requests_total{code="499",outcome="cancelled",version="1"} 1.0'
+    wanted = ('mserve_requests_total{code="499",model="gcancel",outcome="cancelled",'
+              'version="1"} 1.0')
     wait_for(lambda: wanted in httpx.get(d["url"] + "/metrics").text,
              what="the cancelled call in the metrics")
     assert 'outcome="failure"' not in httpx.get(d["url"] + "/metrics").text

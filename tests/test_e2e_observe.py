@@ -42,16 +42,17 @@ def samples(url: str) -> dict:
 
 def test_prometheus_metrics_count_what_was_sent(observed):
     got = samples(observed)
-    ok = (("code", "200"), ("outcome", "success"), ("version", "1"))
-    bad = (("code", "400"), ("outcome", "failure"), ("version", "1"))
+    ok = (("code", "200"), ("model", "observed"), ("outcome", "success"), ("version", "1"))
+    bad = (("code", "400"), ("model", "observed"), ("outcome", "failure"), ("version", "1"))
+    v1 = (("model", "observed"), ("version", "1"))
     assert got[("mserve_requests_total", ok)] == 5
     assert got[("mserve_requests_total", bad)] == 2
-    assert got[("mserve_request_duration_seconds_count", (("version", "1"),))] == 5
-    assert got[("mserve_batch_size_sum", ())] == 5
-    assert got[("mserve_queue_duration_seconds_count", ())] == 5
-    assert got[("mserve_inference_duration_seconds_count", ())] >= 1
-    assert got[("mserve_queue_depth", ())] == 0
-    assert got[("mserve_model_load_seconds", (("version", "1"),))] > 0
+    assert got[("mserve_request_duration_seconds_count", v1)] == 5
+    assert got[("mserve_batch_size_sum", v1)] == 5
+    assert got[("mserve_queue_duration_seconds_count", v1)] == 5
+    assert got[("mserve_inference_duration_seconds_count", v1)] >= 1
+    assert got[("mserve_queue_depth", v1)] == 0
+    assert got[("mserve_model_load_seconds", v1)] > 0
     assert got[("mserve_process_resident_memory_bytes", ())] > 10e6
     documented = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
     for name, _ in got:

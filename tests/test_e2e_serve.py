@@ -160,7 +160,7 @@ def test_sigterm_drains_a_request_in_flight_then_exits_0(shared, tmp_path, servi
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(httpx.post, served.url + "/v2/models/kserve_slow/infer",
                               json=body, timeout=60)
-        wait_for(lambda: "mserve_queue_depth 1.0" in httpx.get(served.url + "/metrics").text,
+        wait_for(lambda: 'mserve_queue_depth{model="kserve_slow",version="1"} 1.0' in httpx.get(served.url + "/metrics").text,
                  what="a request in flight")
         served.proc.send_signal(signal.SIGTERM)
         answer = pending.result()

@@ -1,17 +1,22 @@
 """The worker's HTTP/1.1 server (daemon/worker/http.py) on a real socket, spoken to with raw
 bytes: keep-alive, pipelining, chunked bodies, 100-continue, limits, bad requests, idle
-timeout and drain. The routes behind it are tested through real workers elsewhere."""
+timeout, drain, and gzip/deflate bodies both ways. The routes behind it are tested through
+real workers elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
 import threading
 import time
+import zlib
 
 import pytest
 
+from mserve.daemon.errors import PayloadTooLarge
+from mserve.daemon.worker import encoding, http
 from mserve.daemon.worker.http import HttpServer, Request
 
 LIMIT = 1024
@@ -30,13 +35,13 @@ async def echo(request: Request):
 
 
 class Running:
-    def __init__(self, keepalive_s: float = 5.0):
+    def __init__(self, keepalive_s: float = 5.0, handler=echo, max_body: int = LIMIT):
         self.loop = asyncio.new_event_loop()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.server = HttpServer(echo, max_body=LIMIT, keepalive_s=keepalive_s)
+        self.server = HttpServer(handler, max_body=max_body, keepalive_s=keepalive_s)
         started = threading.Event()
 
         def run():
@@ -245,3 +250,172 @@ def test_drain_finishes_the_request_in_progress_and_refuses_new_ones(server):
     assert closed(idle) and closed(busy)
     with pytest.raises(ConnectionRefusedError):
         connect(server.port)
+
+
+# ---- compressed bodies (Content-Encoding, Accept-Encoding) ------------------------------
+BIG = 4 * 2**20
+TEXT = b"".join(b"row %d: %s\n" % (i, b"ab" * (i % 7)) for i in range(40))  # < LIMIT
+
+
+async def mirror(request: Request):
+    """Answer the (decoded) body as it came; ``/status/N`` answers with status N."""
+    status = int(request.path.rsplit("/", 1)[1]) if request.path.startswith("/status/") else 200
+    return status, [(b"content-type", b"application/octet-stream")], request.body
+
+
+@pytest.fixture
+def mirrored():
+    running = Running(handler=mirror, max_body=BIG)
+    yield running
+    running.stop()
+
+
+def raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize("coding, packed", [
+    ("gzip", gzip.compress(TEXT)),
+    ("x-gzip", gzip.compress(TEXT)),
+    ("GZIP", gzip.compress(TEXT)),
+    ("deflate", zlib.compress(TEXT)),  # the zlib format, as tritonclient and curl send it
+    ("deflate", raw_deflate(TEXT)),  # a raw deflate stream, as some old clients send it
+    ("gzip", gzip.compress(TEXT[:100]) + gzip.compress(TEXT[100:])),  # two members
+    ("identity", TEXT)])
+def test_compressed_request_bodies_are_decoded(server, coding, packed):
+    conn, buffer = connect(server.port), bytearray()
+    for _ in range(2):  # the connection stays usable
+        conn.sendall(post("/c", packed, f"content-encoding: {coding}\r\n"))
+        status, _, body = read_response(conn, buffer)
+        assert status == 200 and json.loads(body)["size"] == len(TEXT)
+    conn.close()
+
+
+def test_the_limit_applies_to_the_decompressed_size(server):
+    conn, buffer = connect(server.port), bytearray()
+    conn.sendall(post("/fits", gzip.compress(b"x" * LIMIT), "content-encoding: gzip\r\n"))
+    assert json.loads(read_response(conn, buffer)[2])["size"] == LIMIT
+    bomb = gzip.compress(b"\0" * LIMIT * 100)  # a few hundred bytes that inflate 100-fold
+    assert len(bomb) < LIMIT
+    conn.sendall(post("/bomb", bomb, "content-encoding: gzip\r\n"))
+    status, headers, body = read_response(conn, buffer)
+    assert status == 413 and "once decompressed" in json.loads(body)["error"]
+    conn.sendall(post("/after", b""))  # the body was read whole: the connection goes on
+    assert read_response(conn, buffer)[0] == 200
+    conn.close()
+
+
+def test_an_inflater_never_inflates_past_its_budget_or_the_limit():
+    inflater = encoding.Inflater("gzip", gzip.compress(b"\0" * 10**7), limit=10**6)
+    assert inflater.step(1000) is None and len(inflater.out) == 1000
+    with pytest.raises(PayloadTooLarge, match="once decompressed"):
+        inflater.step(10**9)
+    assert len(inflater.out) == 0  # dropped at limit + 1 bytes
+
+
+@pytest.mark.parametrize("coding, packed, why", [
+    ("gzip", b"not gzip at all", "not valid gzip"),
+    ("deflate", b"\x78\x9c not zlib", "not valid deflate"),
+    ("gzip", gzip.compress(TEXT)[:-6], "truncated"),
+    ("gzip", gzip.compress(TEXT) + b"junk", "not valid gzip"),
+    ("deflate", zlib.compress(TEXT) + b"junk", "4 bytes after")])
+def test_a_corrupt_stream_is_400(server, coding, packed, why):
+    conn, buffer = connect(server.port), bytearray()
+    conn.sendall(post("/bad", packed, f"content-encoding: {coding}\r\n"))
+    status, _, body = read_response(conn, buffer)
+    assert status == 400 and why in json.loads(body)["error"]
+    conn.sendall(post("/after", b""))
+    assert read_response(conn, buffer)[0] == 200
+    conn.close()
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip"])
+def test_an_unknown_coding_is_415(server, coding):
+    conn, buffer = connect(server.port), bytearray()
+    conn.sendall(post("/c", b"\x00" * 10, f"content-encoding: {coding}\r\n"))
+    status, headers, body = read_response(conn, buffer)
+    message = json.loads(body)["error"]
+    assert status == 415 and repr(coding) in message and "gzip, deflate or identity" in message
+    assert closed(conn)
+
+
+def test_an_unknown_coding_announced_with_100_continue_is_refused_before_the_body(server):
+    conn, buffer = connect(server.port), bytearray()
+    conn.sendall(b"POST /c HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n"
+                 b"content-encoding: br\r\nexpect: 100-continue\r\n\r\n")
+    status, headers, _ = read_response(conn, buffer)
+    assert status == 415 and headers["connection"] == "close"
+
+
+def test_an_empty_body_needs_no_decoding(server):
+    conn, buffer = connect(server.port), bytearray()
+    conn.sendall(b"GET /c HTTP/1.1\r\nhost: x\r\ncontent-encoding: gzip\r\n\r\n")
+    status, _, body = read_response(conn, buffer)
+    assert status == 200 and json.loads(body)["size"] == 0
+
+
+def unpack(headers: dict, body: bytes) -> bytes:
+    coding = headers.get("content-encoding")
+    return {None: bytes, "gzip": gzip.decompress, "deflate": zlib.decompress}[coding](body)
+
+
+@pytest.mark.parametrize("accept, coding", [
+    ("gzip", "gzip"), ("deflate", "deflate"), ("gzip, deflate, br", "gzip"),
+    ("gzip;q=0.5, deflate", "deflate"), ("*", "gzip"), ("br, *;q=0.1", "gzip"),
+    ("gzip;q=0, deflate;q=0", None), ("gzip;q=0, *", "deflate"), ("identity", None),
+    ("br", None), ("gzip;q=bad", None)])
+def test_answers_come_in_the_accepted_coding(mirrored, accept, coding):
+    conn, buffer = connect(mirrored.port), bytearray()
+    data = TEXT * 10
+    conn.sendall(post("/m/infer", data, f"accept-encoding: {accept}\r\n"))
+    status, headers, body = read_response(conn, buffer)
+    assert status == 200 and headers.get("content-encoding") == coding
+    assert unpack(headers, body) == data
+    assert (headers.get("vary") == "accept-encoding") == (coding is not None)
+    conn.close()
+
+
+@pytest.mark.parametrize("path, size", [
+    ("/m/infer", encoding.MIN_COMPRESS - 1), ("/status/400", 5000),
+    ("/v2/models/m/config", 5000),  # only inference answers: tritonclient.http.aio reads others raw
+])
+def test_small_answers_errors_and_metadata_go_uncompressed(mirrored, path, size):
+    conn, buffer = connect(mirrored.port), bytearray()
+    conn.sendall(post(path, b"e" * size, "accept-encoding: gzip\r\n"))
+    _, headers, body = read_response(conn, buffer)
+    assert "content-encoding" not in headers and body == b"e" * size
+    conn.close()
+
+
+def test_large_bodies_are_coded_off_the_event_loop(mirrored, monkeypatch):
+    threads = []
+
+    class Recording(encoding.Inflater):
+        def finish(self):
+            threads.append(("inflate", threading.current_thread()))
+            return super().finish()
+
+    def recording_compress(coding, body):
+        threads.append(("compress", threading.current_thread()))
+        return encoding.compress(coding, body)
+
+    monkeypatch.setattr(http, "Inflater", Recording)
+    monkeypatch.setattr(http, "compress", recording_compress)
+    conn, buffer = connect(mirrored.port), bytearray()
+    small = TEXT * 4  # over MIN_COMPRESS, under INLINE_BYTES
+    conn.sendall(post("/m/infer", gzip.compress(small), "content-encoding: gzip\r\n"
+                                                  "accept-encoding: gzip\r\n"))
+    status, headers, body = read_response(conn, buffer)
+    assert status == 200 and unpack(headers, body) == small
+    assert [(what, thread is mirrored.thread) for what, thread in threads] == [
+        ("compress", True)]  # decoded in one step on the loop; compressed there too
+    threads.clear()
+    large = TEXT * 5000  # about 1.5 MiB, under BIG
+    conn.sendall(post("/m/infer", gzip.compress(large), "content-encoding: gzip\r\n"
+                                                  "accept-encoding: deflate\r\n"))
+    status, headers, body = read_response(conn, buffer)
+    assert status == 200 and unpack(headers, body) == large
+    assert [(what, thread is mirrored.thread) for what, thread in threads] == [
+        ("inflate", False), ("compress", False)]
+    conn.close()

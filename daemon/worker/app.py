@@ -1,8 +1,9 @@
 """The data plane of one deployment: what it serves (``Serving``) and its HTTP routes.
 
-Routes: Open Inference Protocol v2 (health, metadata, ready, infer; version-pinned paths and
-Triton's binary tensor extension), TF Serving / KServe V1 (``:predict``, model status), and
-Prometheus ``/metrics``. Every error is ``{"error": ...}`` with the status of its exception.
+Routes: Open Inference Protocol v2 inference (version-pinned paths and Triton's binary tensor
+extension) and TF Serving / KServe V1 ``:predict`` here; health, metadata, model config,
+statistics, repository index and ``/metrics`` in routes.py. Every error is
+``{"error": ...}`` with the status of its exception.
 """
 
 from __future__ import annotations
@@ -16,33 +17,19 @@ import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib.metadata import version as _dist_version
-
-import orjson
 
 from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unauthorized, Unavailable
-from mserve.daemon.worker import codecs, codecs_v1
+from mserve.daemon.worker import codecs, codecs_v1, routes
 from mserve.daemon.worker.batcher import Batcher
 from mserve.daemon.worker.http import HttpServer, Request, Response
 from mserve.daemon.worker.metrics import Metrics
 from mserve.daemon.worker.requestlog import Call, RequestLog
 from mserve.daemon.worker.stats import Recent, VersionStats
+from mserve.daemon.worker.routes import JSON, OPEN_PATHS, V1_MODEL, V2_MODEL
 from mserve.daemon.worker.runtime import LoadedModel
 
 log = logging.getLogger("mserve.worker")
-JSON = [(b"content-type", b"application/json")]
 CANCELLED = 499  # the status recorded for a call its client cancelled (nginx's convention)
-V2_MODEL = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+)"
-                      r"|/labels/(?P<label>[^/]+))?(?P<op>/ready|/infer|/stats)?")
-V1_MODEL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+)"
-                      r"|/labels/(?P<label>[^/:]+))?(?P<op>:predict)?")
-OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
-try:
-    SERVER_VERSION = _dist_version("mserve")
-except Exception:  # running from a source tree without an install
-    SERVER_VERSION = "0+unknown"
-SERVER_METADATA = {"name": "mserve", "version": SERVER_VERSION,
-                   "extensions": ["binary_tensor_data", "statistics"]}
 
 
 class Serving:
@@ -74,13 +61,14 @@ class Serving:
         if old:
             old.close()
         self.models[model.number] = model
-        self.stats.setdefault(model.number, VersionStats())
+        self.stats.setdefault(model.number, VersionStats(batched=model.batchable))
         self.batchers[model.number] = Batcher(
-            model, self.executor, self.metrics, self.stats[model.number],
+            model, self.executor, self.metrics.version(str(model.number)),
+            self.stats[model.number],
             max_batch_size=self.options.get("max_batch_size"),
             batch_delay_ms=self.options.get("batch_delay_ms"),
             max_queue=self.options.get("max_queue"))
-        self.metrics.load_time.labels(str(model.number)).set(model.load_ms / 1000)
+        self.metrics.loaded(str(model.number), model.load_ms / 1000)
 
     def activate(self, number: int, keep: list[int]) -> None:
         """Swap the active version (one reference) and drop versions not kept loaded."""
@@ -92,7 +80,7 @@ class Serving:
                 del self.models[n]  # in-flight requests hold their own reference
                 self.batchers.pop(n).close()  # it finishes what is queued
                 self.stats.pop(n, None)
-                self.metrics.load_time.remove(str(n))
+                self.metrics.unloaded(str(n))
 
     def authorize(self, given: str | None) -> None:
         """Check an ``Authorization`` value (HTTP header or gRPC metadata) against the token."""
@@ -153,13 +141,29 @@ class Serving:
 
     async def run(self, model: LoadedModel, feeds: dict, names: list[str], call: Call,
                   alone: bool = False) -> list:
-        """Queue one request on its version's batcher (``alone``: see Batcher.submit)."""
+        """Queue one request on its version's batcher (``alone``: see Batcher.submit); the
+        time from its run's start to its outputs goes into ``call.infer_s``."""
+        start = time.perf_counter()
         batcher = self.batchers.get(model.number)
         if batcher is None or batcher.closed or batcher.model is not model:
             # Unloaded while this request was read: it still finishes on its own version.
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, model.run, feeds, names)
-        return await batcher.submit(feeds, names, call, alone)
+            arrays = await loop.run_in_executor(self.executor, model.run, feeds, names)
+        else:
+            arrays = await batcher.submit(feeds, names, call, alone)
+        waited = (call.queue_ms or 0.0) / 1000
+        call.infer_s = max(0.0, time.perf_counter() - start - waited)
+        return arrays
+
+    def decode(self, call: Call, parse, *args, **kwargs):
+        """``parse(*args, **kwargs)`` (a request's decoding), timed as the call's
+        compute_input (Triton's statistics)."""
+        return _timed(call, "input_s", parse, args, kwargs)
+
+    def encode(self, call: Call, build, *args, **kwargs):
+        """``build(*args, **kwargs)`` (an answer's encoding), timed as the call's
+        compute_output (Triton's statistics)."""
+        return _timed(call, "output_s", build, args, kwargs)
 
     async def infer(self, model: LoadedModel, request: codecs.InferRequest, call: Call,
                     alone: bool = False) -> list[tuple[codecs.RequestedOutput, object]]:
@@ -183,7 +187,10 @@ class Serving:
         self.metrics.observe_request(str(call.version), call.status, seconds)
         self.recent.observe(seconds, ok)
         if (stats := self.stats.get(call.version)) is not None:
-            (stats.success if ok else stats.fail).add(seconds)
+            if ok:
+                stats.observe_success(seconds, call.input_s, call.infer_s, call.output_s)
+            else:
+                stats.fail.add(seconds)
             stats.last_inference_ms = int(time.time() * 1000)
         self.log.write(call, seconds)
 
@@ -256,53 +263,17 @@ class WorkerApp:
     async def _route(self, request: Request):
         path, method = request.path, request.method
         if method == "GET":
-            return self._get(path)
+            return routes.get(self.s, path)
         if method == "POST":
             if m := V2_MODEL.fullmatch(path):
                 if m["op"] == "/infer":
                     return await self._inference(m, request, self._v2)
             elif (m := V1_MODEL.fullmatch(path)) and m["op"]:
                 return await self._inference(m, request, self._v1)
+            elif path.startswith("/v2/repository/"):
+                if (answer := routes.repository(self.s, path, request.body)) is not None:
+                    return answer
         raise NotFound(f"no route for {method} {path}")
-
-    def _get(self, path: str):
-        s = self.s
-        if path == "/v2/health/live":
-            return _json({"live": True})
-        if path == "/v2/health/ready":
-            if s.active is None:
-                raise Unavailable("no version is loaded yet")
-            return _json({"ready": True})
-        if path == "/v2":
-            return _json(SERVER_METADATA)
-        if path == "/metrics":
-            return 200, s.metrics.render(), [(b"content-type", s.metrics.content_type.encode())]
-        if path == "/v1/models":
-            return _json({"models": [s.name]})
-        if path == "/v2/models/stats":
-            return _json({"model_stats": s.statistics(None)})
-        if m := V2_MODEL.fullmatch(path):
-            model = s.model(m["name"], m["version"], m["label"])
-            if m["op"] == "/ready":
-                return _json({"name": s.name, "ready": True})
-            if m["op"] == "/stats":
-                pinned = m["version"] or m["label"]
-                return _json({"model_stats": s.statistics(model.number if pinned else None)})
-            if m["op"] is None:
-                versions = [str(n) for n in sorted(s.models)]
-                return _json(codecs.model_metadata(s.name, versions, model.inputs, model.outputs))
-        if (m := V1_MODEL.fullmatch(path)) and not m["op"]:
-            return _json(self._v1_status(m["name"], m["version"], m["label"]))
-        raise NotFound(f"no route for GET {path}")
-
-    def _v1_status(self, name: str, version: str | None, label: str | None) -> dict:
-        self.s.check_name(name)
-        pinned = version or label
-        chosen = [self.s.model(name, version, label).number] if pinned else sorted(self.s.models)
-        statuses = [{"version": str(n), "state": "AVAILABLE",
-                     "status": {"error_code": "OK", "error_message": ""}} for n in chosen]
-        return {"name": name, "ready": self.s.active is not None,
-                "model_version_status": statuses}
 
     async def _inference(self, m: re.Match, request: Request, handler):
         """The shared life of an inference request: handle, record, answer."""
@@ -328,19 +299,20 @@ class WorkerApp:
 
     async def _v2(self, model: LoadedModel, request: Request, call: Call):
         header_length = _int_header(request.headers, "inference-header-content-length")
-        parsed = codecs.parse_request(request.body, header_length,
-                                      max_elements=self.s.max_elements)
+        parsed = self.s.decode(call, codecs.parse_request, request.body, header_length,
+                               max_elements=self.s.max_elements)
         results = await self.s.infer(model, parsed, call, self._alone())
-        out, headers = codecs.encode_response(self.s.name, str(model.number), parsed.id,
-                                              results)
+        out, headers = self.s.encode(call, codecs.encode_response, self.s.name,
+                                     str(model.number), parsed.id, results)
         return out, [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def _v1(self, model: LoadedModel, request: Request, call: Call):
-        feeds, form = codecs_v1.parse_predict(request.body, model.inputs,
-                                              max_elements=self.s.max_elements)
+        feeds, form = self.s.decode(call, codecs_v1.parse_predict, request.body, model.inputs,
+                                    max_elements=self.s.max_elements)
         names = [o.name for o in model.outputs]
         arrays = await self.s.run(model, feeds, names, call, self._alone())
-        return codecs_v1.encode_predict(dict(zip(names, arrays)), form), list(JSON)
+        out = self.s.encode(call, codecs_v1.encode_predict, dict(zip(names, arrays)), form)
+        return out, list(JSON)
 
 
 def _failure(request: Request, exc: Exception) -> tuple[int, bytes, list]:
@@ -352,10 +324,6 @@ def _failure(request: Request, exc: Exception) -> tuple[int, bytes, list]:
         return exc.status, codecs.encode_error(exc.message), JSON
     log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
     return 500, codecs.encode_error("internal error (see the deployment log)"), JSON
-
-
-def _json(obj) -> tuple[int, bytes, list]:
-    return 200, orjson.dumps(obj), JSON
 
 
 def _int_header(headers: dict[str, str], key: str) -> int | None:
@@ -371,3 +339,12 @@ def _int_header(headers: dict[str, str], key: str) -> int | None:
 def configure_logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _timed(call: Call, field: str, work, args, kwargs):
+    """``work(*args, **kwargs)``, its seconds added to ``call.<field>``."""
+    start = time.perf_counter()
+    try:
+        return work(*args, **kwargs)
+    finally:
+        setattr(call, field, getattr(call, field) + time.perf_counter() - start)

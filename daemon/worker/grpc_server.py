@@ -6,10 +6,17 @@ queue, metrics, statistics, request log) and the same codec checks, so a bad req
 same message as over HTTP, as a gRPC status (INVALID_ARGUMENT, NOT_FOUND, ...). Inputs come as
 typed ``contents`` or as ``raw_input_contents`` (Triton's binary layout; FP16 only raw);
 outputs always go back raw, as Triton does.
+
+Triton's extensions: ``ModelConfig`` and ``RepositoryIndex`` (daemon/protocol/modelconfig.py),
+``ModelStreamInfer`` (grpc_stream.py), and the standard ``grpc.health.v1.Health``
+(grpc_health.py, no token). ``RepositoryModelLoad``/``Unload`` refuse: versions change through
+the daemon. Stopping drains (see ``GrpcServer.stop``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -23,10 +30,13 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 
 from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unavailable
+from mserve.daemon.protocol import modelconfig
 from mserve.daemon.worker import codecs
-from mserve.daemon.worker.app import SERVER_METADATA, Serving
+from mserve.daemon.worker.app import Serving
+from mserve.daemon.worker.grpc_health import Health
 from mserve.daemon.worker.proto import grpc_service_pb2 as pb
 from mserve.daemon.worker.requestlog import Call
+from mserve.daemon.worker.routes import SERVER_METADATA
 
 log = logging.getLogger("mserve.worker")
 SERVICE = "inference.GRPCInferenceService"
@@ -43,6 +53,8 @@ CONTENTS = {
     "FP32": ("fp32_contents", np.float32), "FP64": ("fp64_contents", np.float64),
     "BYTES": ("bytes_contents", object),
 }
+FINAL_GRACE_S = 1.0  # see GrpcServer.stop
+MANAGED = "mserve manages versions itself: use 'mserve deploy' / 'mserve rollback'"
 
 
 def status_code(exc: MserveError) -> grpc.StatusCode:
@@ -144,17 +156,52 @@ def infer_response(name: str, version: str, request_id: str,
 # ---------------------------------------------------------------- the service
 
 
+class InFlight:
+    """Counts the calls in progress, so a drain knows when they are done."""
+
+    def __init__(self):
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.count -= 1
+        if not self.count:
+            self._idle.set()
+
+    async def idle(self, timeout: float) -> None:
+        """Return once no call is in progress, or after ``timeout`` seconds."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+
+
 class Servicer:
     """One method per RPC; errors are raised as MserveError and mapped in ``_rpc``."""
 
     def __init__(self, serving: Serving):
         self.s = serving
+        self.inflight = InFlight()  # every call but health's
+        self.draining = False
+        self.streams: set = set()  # the open ModelStreamInfer calls (grpc_stream.Stream)
+
+    def drain(self) -> None:
+        """Take no new inference; open streams end once they answered what they read."""
+        self.draining = True
+        for stream in list(self.streams):
+            stream.drain()
+
+    def ready(self) -> bool:
+        return self.s.active is not None and not self.draining
 
     async def server_live(self, request, context, headers):
         return pb.ServerLiveResponse(live=True)
 
     async def server_ready(self, request, context, headers):
-        return pb.ServerReadyResponse(ready=self.s.active is not None)
+        return pb.ServerReadyResponse(ready=self.ready())
 
     async def model_ready(self, request, context, headers):
         self.s.check_name(request.name)
@@ -162,7 +209,7 @@ class Servicer:
             self.s.model(request.name, request.version or None)
         except (NotFound, Unavailable):
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=not self.draining)
 
     async def server_metadata(self, request, context, headers):
         return pb.ServerMetadataResponse(**SERVER_METADATA)
@@ -173,6 +220,28 @@ class Servicer:
         meta = codecs.model_metadata(s.name, [str(n) for n in sorted(s.models)],
                                      model.inputs, model.outputs)
         return json_format.ParseDict(meta, pb.ModelMetadataResponse())
+
+    async def model_config(self, request, context, headers):
+        """Triton's configuration of the pinned version, else of the active one (not one
+        picked by a traffic split: the configuration is not a request)."""
+        s = self.s
+        version = request.version or (str(s.active) if s.active is not None else None)
+        model = s.model(request.name, version)
+        doc = modelconfig.model_config(s.name, model, s.options, versions=sorted(s.models))
+        return pb.ModelConfigResponse(config=json_format.ParseDict(doc, pb.ModelConfig()))
+
+    async def repository_index(self, request, context, headers):
+        s = self.s
+        states = [(n, "active" if n == s.active else "loaded") for n in sorted(s.models)]
+        models = modelconfig.repository_index(s.name, states)
+        if request.ready:
+            models = [m for m in models if m["state"] == modelconfig.READY]
+        return json_format.ParseDict({"models": models}, pb.RepositoryIndexResponse())
+
+    async def repository_change(self, request, context, headers):
+        """RepositoryModelLoad and RepositoryModelUnload."""
+        self.s.check_name(request.model_name)
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, MANAGED)
 
     async def model_statistics(self, request, context, headers):
         s = self.s
@@ -187,37 +256,54 @@ class Servicer:
     async def model_infer(self, raw: bytes, context, headers: dict[str, str]) -> bytes:
         """Raw bytes in and out: the sizes go to the request log, and a message that does
         not parse is INVALID_ARGUMENT rather than a transport error."""
-        s = self.s
         call = Call(started=time.perf_counter(), request_id=headers.get("x-request-id"),
                     client=_peer(context))
+        try:
+            return await self.infer(raw, call, headers)
+        except Exception:  # the version was chosen: the error's trailers name it
+            if call.version is not None:
+                context.set_trailing_metadata((("x-model-version", str(call.version)),))
+            raise
+
+    async def infer(self, raw: bytes, call: Call, headers: dict[str, str]) -> bytes:
+        """One serialized ModelInferRequest to its serialized ModelInferResponse (a unary
+        call, or one message of a stream), recorded however it ends once a version is
+        chosen; ``call.version`` says which."""
+        s = self.s
+        if self.draining:
+            raise Unavailable(f"deployment '{s.name}' is shutting down; retry shortly")
+        decoding = time.perf_counter()
         try:
             msg = pb.ModelInferRequest.FromString(raw)
         except DecodeError:
             raise BadRequest("the request is not a valid ModelInferRequest message") from None
+        call.request_id = call.request_id or msg.id or None
         model = s.model(msg.model_name, msg.model_version or None, None, headers)
         call.version = model.number
-        try:
-            with s.recorded(call):
-                call.bytes_in = len(raw)
-                request = infer_request(msg, s.max_elements)
-                results = await s.infer(model, request, call)
-                out = infer_response(s.name, str(model.number), msg.id, results)
-                call.status, call.bytes_out = 200, len(out)
-        except Exception:  # the version was chosen: the error's trailers name it
-            context.set_trailing_metadata((("x-model-version", str(model.number)),))
-            raise
+        with s.recorded(call):
+            call.bytes_in = len(raw)
+            request = infer_request(msg, s.max_elements)
+            call.input_s = time.perf_counter() - decoding
+            results = await s.infer(model, request, call)
+            encoding = time.perf_counter()
+            out = infer_response(s.name, str(model.number), msg.id, results)
+            call.output_s = time.perf_counter() - encoding
+            call.status, call.bytes_out = 200, len(out)
         return out
 
     def _rpc(self, method, *, open_: bool = False):
         """``method`` behind the token check (unless open) and the error mapping."""
         async def handle(request, context):
             try:
-                headers = _headers(context)  # read once: each read builds the metadata anew
-                if not open_:
-                    self.s.authorize(headers.get("authorization"))
-                return await method(request, context, headers)
+                with self.inflight:
+                    headers = _headers(context)  # read once: each read builds it anew
+                    if not open_:
+                        self.s.authorize(headers.get("authorization"))
+                    return await method(request, context, headers)
             except MserveError as exc:
                 await context.abort(status_code(exc), exc.message)
+            except aio.AbortError:  # the method chose its status itself
+                raise
             except Exception:
                 log.exception("unexpected error in gRPC %s", method.__name__)
                 await context.abort(grpc.StatusCode.INTERNAL,
@@ -225,6 +311,9 @@ class Servicer:
         return handle
 
     def handler(self) -> grpc.GenericRpcHandler:
+        # imported here: grpc_stream uses this module's helpers
+        from mserve.daemon.worker.grpc_stream import stream_handler
+
         def unary(method, request_type, open_=False):
             return grpc.unary_unary_rpc_method_handler(
                 self._rpc(method, open_=open_), request_deserializer=request_type.FromString,
@@ -236,8 +325,15 @@ class Servicer:
             "ModelReady": unary(self.model_ready, pb.ModelReadyRequest),
             "ServerMetadata": unary(self.server_metadata, pb.ServerMetadataRequest),
             "ModelMetadata": unary(self.model_metadata, pb.ModelMetadataRequest),
+            "ModelConfig": unary(self.model_config, pb.ModelConfigRequest),
             "ModelStatistics": unary(self.model_statistics, pb.ModelStatisticsRequest),
+            "RepositoryIndex": unary(self.repository_index, pb.RepositoryIndexRequest),
+            "RepositoryModelLoad": unary(self.repository_change,
+                                         pb.RepositoryModelLoadRequest),
+            "RepositoryModelUnload": unary(self.repository_change,
+                                           pb.RepositoryModelUnloadRequest),
             "ModelInfer": grpc.unary_unary_rpc_method_handler(self._rpc(self.model_infer)),
+            "ModelStreamInfer": stream_handler(self),
         })
 
 
@@ -257,8 +353,27 @@ def _peer(context) -> str | None:
     return unquote(peer.partition(":")[2]) if peer else None
 
 
+class GrpcServer:
+    """The started gRPC server of a worker; ``stop`` drains it."""
+
+    def __init__(self, server: aio.Server, servicer: Servicer, health: Health):
+        self.server, self.servicer, self.health = server, servicer, health
+
+    async def stop(self, grace: float) -> None:
+        """Drain, then stop. Health turns NOT_SERVING at once (watchers are told), new
+        inference gets UNAVAILABLE, open streams end with UNAVAILABLE once they answered
+        what they had read, and the calls in progress get up to ``grace`` seconds. The port
+        keeps answering meanwhile, so a probe reads NOT_SERVING, not a refused connection."""
+        self.servicer.drain()
+        self.health.drain()
+        await self.servicer.inflight.idle(grace)
+        # what is left: health watches sending their last status (they then end), and
+        # calls past the grace, cut after a last second
+        await self.server.stop(FINAL_GRACE_S)
+
+
 async def start_grpc(serving: Serving, host: str, port: int, tls: dict | None,
-                     max_message_bytes: int) -> aio.Server:
+                     max_message_bytes: int) -> GrpcServer:
     """Bind ``host:port`` and start serving; a port that cannot be bound raises RuntimeError
     (grpcio's error), an unreadable certificate or key OSError."""
     limit = min(max_message_bytes, 2**31 - 1)
@@ -266,7 +381,8 @@ async def start_grpc(serving: Serving, host: str, port: int, tls: dict | None,
         ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),  # a busy port must fail, not be shared with its holder
     ])
-    server.add_generic_rpc_handlers((Servicer(serving).handler(),))
+    servicer, health = Servicer(serving), Health(serving)
+    server.add_generic_rpc_handlers((servicer.handler(), health.handler()))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if tls:
         pair = (Path(tls["key"]).read_bytes(), Path(tls["cert"]).read_bytes())
@@ -274,4 +390,4 @@ async def start_grpc(serving: Serving, host: str, port: int, tls: dict | None,
     else:
         server.add_insecure_port(address)
     await server.start()
-    return server
+    return GrpcServer(server, servicer, health)

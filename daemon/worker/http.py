@@ -7,6 +7,12 @@ answer with one ``transport.write``. Requests on one connection are answered in 
 idle connections close after ``keepalive_s``, ``Expect: 100-continue`` is honoured, and a
 request that does not parse gets 400 and the connection closes.
 
+Bodies may come compressed (``Content-Encoding: gzip|deflate``, see ``encoding``): the limit
+then applies to the decompressed size, an unknown coding gets 415 and a corrupt stream 400.
+A small body is decoded on the event loop, the rest of a large one in a thread; a body with
+no Content-Encoding costs nothing more. Answers of 200 are compressed when the request's
+``Accept-Encoding`` asks for gzip or deflate and they are at least ``MIN_COMPRESS`` bytes.
+
 ``drain`` stops listening, closes idle connections at once and gives those with a request in
 progress up to the drain time to answer it before they are cut.
 """
@@ -22,13 +28,18 @@ from urllib.parse import unquote
 
 import httptools
 
+from mserve.daemon.errors import MserveError
 from mserve.daemon.worker.codecs import encode_error
+from mserve.daemon.worker.encoding import (INLINE_BYTES, MIN_COMPRESS, Inflater,
+                                           UnsupportedEncoding, compress, request_coding,
+                                           response_coding)
 
 log = logging.getLogger("mserve.worker")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 32  # requests read ahead on one connection before reading pauses
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-           413: b"Content Too Large", 500: b"Internal Server Error", 503: b"Service Unavailable"}
+           413: b"Content Too Large", 415: b"Unsupported Media Type",
+           500: b"Internal Server Error", 503: b"Service Unavailable"}
 JSON_TYPE = b"application/json"
 
 
@@ -39,7 +50,12 @@ class Request:
     headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
     body: bytes
     client: str | None
+    coding: str | None = None  # the body's Content-Encoding until it is decoded
 
+
+# Only inference answers are compressed, as Triton does: tritonclient.http.aio turns
+# aiohttp's decompression off and reads every other answer as plain JSON.
+INFERENCE_PATHS = ("/infer", ":predict")
 
 # (status, extra header lines as (name, value) bytes pairs, body)
 Response = tuple[int, list[tuple[bytes, bytes]], bytes]
@@ -113,6 +129,7 @@ class Connection(asyncio.Protocol):
         self.url, self.headers, self.chunks = b"", {}, []
         self.size = self.header_bytes = 0
         self.refused: Response | None = None
+        self.coding: str | None = None
 
     # ---- asyncio.Protocol --------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -165,8 +182,16 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         declared = self.headers.get("content-length")
         expects = self.headers.get("expect", "").lower() == "100-continue"
-        if declared is not None and declared.isdigit() and int(declared) > self.server.max_body:
+        coding = self.headers.get("content-encoding")
+        if coding is not None:
+            try:
+                self.coding = request_coding(coding)
+            except UnsupportedEncoding as exc:
+                self._refuse_body(exc)
+        if self.refused is None and declared is not None and declared.isdigit() \
+                and int(declared) > self.server.max_body:
             self._refuse_body()
+        if self.refused is not None:
             if expects:  # the client waits before sending the body: refuse it now
                 self.closing = True
                 self._answer_then_close(self.refused)
@@ -182,10 +207,13 @@ class Connection(asyncio.Protocol):
         else:
             self.chunks.append(body)
 
-    def _refuse_body(self) -> None:
-        limit = self.server.max_body // 2**20
-        message = f"request body exceeds the limit of {limit} MiB"
-        self.refused = (413, [(b"content-type", JSON_TYPE)], encode_error(message))
+    def _refuse_body(self, exc: MserveError | None = None) -> None:
+        """Answer this request with ``exc`` (default: 413) and drop its body."""
+        if exc is None:
+            message = f"request body exceeds the limit of {self.server.max_body / 2**20:g} MiB"
+            self.refused = (413, [(b"content-type", JSON_TYPE)], encode_error(message))
+        else:
+            self.refused = _error(exc)
         self.chunks = []
 
     def on_message_complete(self) -> None:
@@ -201,7 +229,7 @@ class Connection(asyncio.Protocol):
             if "%" in path:
                 path = unquote(path, encoding="latin-1")
             request = Request(self.parser.get_method().decode("latin-1"), path,
-                              self.headers, body, self.client)
+                              self.headers, body, self.client, self.coding)
             self.waiting.append((request, keep))
             self.buffered += len(body)
             self.server.pending += 1
@@ -222,7 +250,12 @@ class Connection(asyncio.Protocol):
                 if isinstance(item, Request):
                     self.buffered -= len(item.body)
                     try:
-                        status, headers, body = await self.server.handler(item)
+                        refused = None if item.coding is None else await self._decode(item)
+                        status, headers, body = refused or await self.server.handler(item)
+                        if (accept := item.headers.get("accept-encoding")) is not None \
+                                and status == 200 and len(body) >= MIN_COMPRESS \
+                                and item.path.endswith(INFERENCE_PATHS):
+                            headers, body = await self._compress(accept, headers, body)
                     finally:
                         self.server.pending -= 1
                 else:
@@ -237,10 +270,8 @@ class Connection(asyncio.Protocol):
                 if not keep:
                     self.transport.close()
                     return
-                if self.paused and len(self.waiting) < MAX_PIPELINED // 2 \
-                        and self.buffered <= self.server.max_body // 2:
-                    self.paused = False
-                    self.transport.resume_reading()
+                if self.paused:
+                    self._resume()
         finally:
             if self.server.after is not None:  # answers that were never written count too
                 self.server.after()
@@ -248,6 +279,41 @@ class Connection(asyncio.Protocol):
             self.last_seen = self.loop.time()
             if self.server.draining and not self.transport.is_closing():
                 self.transport.close()
+
+    def _resume(self) -> None:
+        """Read again once the requests waiting have come down to half the limits."""
+        if len(self.waiting) < MAX_PIPELINED // 2 and self.buffered <= self.server.max_body // 2:
+            self.paused = False
+            self.transport.resume_reading()
+
+    async def _decode(self, request: Request) -> Response | None:
+        """Replace a compressed body by the bytes it stands for; None, or the error answer
+        (400 corrupt, 413 past the limit once inflated). Past the first INLINE_BYTES of
+        output, inflating goes on in a thread."""
+        coding, request.coding = request.coding, None
+        if not request.body:
+            return None
+        inflater = Inflater(coding, request.body, self.server.max_body)
+        try:
+            body = inflater.step(INLINE_BYTES)
+            if body is None:
+                body = await self.loop.run_in_executor(None, inflater.finish)
+        except MserveError as exc:
+            return _error(exc)
+        request.body = body
+        return None
+
+    async def _compress(self, accept: str, headers: list[tuple[bytes, bytes]], body: bytes):
+        """(headers, body) of an answer in the coding ``accept`` asks for, if any."""
+        coding = response_coding(accept)
+        if coding is None or any(name == b"content-encoding" for name, _ in headers):
+            return headers, body
+        if len(body) <= INLINE_BYTES:
+            body = compress(coding, body)
+        else:
+            body = await self.loop.run_in_executor(None, compress, coding, body)
+        return [*headers, (b"content-encoding", coding.encode()),
+                (b"vary", b"accept-encoding")], body
 
     def _fail(self, status: int, message: str) -> None:
         """A request that cannot be parsed: answer it (after those before it) and close."""
@@ -278,3 +344,7 @@ class Connection(asyncio.Protocol):
             self.idle_timer = self.loop.call_later(wait, self._idle)
         else:
             self.transport.close()
+
+
+def _error(exc: MserveError) -> Response:
+    return exc.status, [(b"content-type", JSON_TYPE)], encode_error(exc.message)

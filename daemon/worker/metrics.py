@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker, served at ``GET /metrics``.
 
 Every name starts with ``mserve_``; ``docs/metrics.md`` lists them. Each worker has its own
-registry, so a scrape shows exactly one deployment.
+registry, so a scrape shows exactly one deployment, and every per-request or per-run series
+carries ``model`` (the deployment's name) and ``version`` labels.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # 100 µs .. 10 s, roughly ×2.5 a step.
@@ -19,34 +20,47 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
+    """The registry of one worker. Every per-request series carries ``model`` (the
+    deployment's name) and ``version``, as Triton labels its series, so one Prometheus can
+    scrape many deployments without relabeling."""
+
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, deployment: str):
+        self.model = deployment
         self.registry = registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=registry, namespace="mserve")
         # Per request and per run, on the event loop only: plain counters, turned into metric
         # families when scraped (prometheus-client's locked children cost ~5 % of a busy
         # worker).
-        self.requests: dict[tuple[str, str, str], int] = {}
+        self.requests: dict[tuple[str, str, str], int] = {}  # (version, outcome, code)
         self.latency: dict[str, LoopHistogram] = {}
-        self.queue_time = LoopHistogram()
-        self.inference_time = LoopHistogram()
-        self.batch_size = LoopHistogram(BATCH_BUCKETS)
-        self.inline_runs = 0
+        self.versions: dict[str, RunMetrics] = {}
         registry.register(_LoopCollector(self))
-        self.queue_depth = Gauge(
-            "mserve_queue_depth", "Requests waiting for or in a model run.", registry=registry)
-        # Changed twice per request on the event loop: a plain int read at scrape time
-        # rather than two locked gauge updates.
-        self.depth = 0
-        self.queue_depth.set_function(lambda: self.depth)
         self.load_time = Gauge(
             "mserve_model_load_seconds", "Time to load and warm up each loaded version.",
-            ["version"], registry=registry)
+            ["model", "version"], registry=registry)
         self.info = Gauge("mserve_deployment_info", "The deployment this worker serves.",
                           ["deployment"], registry=registry)
         self.info.labels(deployment).set(1)
         self._keys: dict[tuple[str, int], tuple[str, str, str]] = {}
+
+    def version(self, version: str) -> RunMetrics:
+        """The run-side figures of one version (what its batcher updates)."""
+        run = self.versions.get(version)
+        if run is None:
+            run = self.versions[version] = RunMetrics()
+        return run
+
+    def loaded(self, version: str, seconds: float) -> None:
+        self.load_time.labels(self.model, version).set(seconds)
+
+    def unloaded(self, version: str) -> None:
+        """A version no longer loaded: its load time goes; its counters stay (they count)."""
+        try:
+            self.load_time.remove(self.model, version)
+        except KeyError:
+            pass
 
     def observe_request(self, version: str, status: int, seconds: float) -> None:
         key = self._keys.get((version, status))
@@ -62,6 +76,19 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RunMetrics:
+    """One version's queue and run figures, updated by its batcher on the event loop."""
+
+    __slots__ = ("queue_time", "inference_time", "batch_size", "inline_runs", "depth")
+
+    def __init__(self):
+        self.queue_time = LoopHistogram()
+        self.inference_time = LoopHistogram()
+        self.batch_size = LoopHistogram(BATCH_BUCKETS)
+        self.inline_runs = 0
+        self.depth = 0  # requests waiting for or in a model run
 
 
 class LoopHistogram:
@@ -90,36 +117,49 @@ class LoopHistogram:
 class _LoopCollector:
     """Exposes the loop-side figures of ``Metrics`` at scrape time."""
 
+    RUNS = (("mserve_queue_duration_seconds",
+             "Time a request waited before its model run began.", "queue_time"),
+            ("mserve_inference_duration_seconds", "Duration of one session.run (one batch).",
+             "inference_time"),
+            ("mserve_batch_size", "Requests combined into one model run.", "batch_size"))
+
     def __init__(self, metrics: Metrics):
         self.m = metrics
 
     def collect(self):
+        model = self.m.model
         requests = CounterMetricFamily(
             "mserve_requests", "Inference requests by version, outcome and HTTP status "
-            "(499: cancelled by the client).", labels=["version", "outcome", "code"])
+            "(499: cancelled by the client).", labels=["model", "version", "outcome", "code"])
         for labels, count in sorted(self.m.requests.items()):
-            requests.add_metric(list(labels), count)
+            requests.add_metric([model, *labels], count)
         yield requests
         latency = HistogramMetricFamily(
             "mserve_request_duration_seconds",
-            "Inference request latency, body read to answer written.", labels=["version"])
+            "Inference request latency, body read to answer written.",
+            labels=["model", "version"])
         for version, histogram in sorted(self.m.latency.items()):
-            latency.add_metric([version], histogram.buckets(), histogram.sum)
+            latency.add_metric([model, version], histogram.buckets(), histogram.sum)
         yield latency
-        for name, text, histogram in (
-                ("mserve_queue_duration_seconds",
-                 "Time a request waited before its model run began.", self.m.queue_time),
-                ("mserve_inference_duration_seconds", "Duration of one session.run (one batch).",
-                 self.m.inference_time),
-                ("mserve_batch_size", "Requests combined into one model run.",
-                 self.m.batch_size)):
-            family = HistogramMetricFamily(name, text)
-            family.add_metric([], histogram.buckets(), histogram.sum)
+        yield from self._runs(model, sorted(self.m.versions.items()))
+
+    def _runs(self, model: str, versions: list[tuple[str, RunMetrics]]):
+        labels = ["model", "version"]
+        for name, text, attribute in self.RUNS:
+            family = HistogramMetricFamily(name, text, labels=labels)
+            for version, run in versions:
+                histogram = getattr(run, attribute)
+                family.add_metric([model, version], histogram.buckets(), histogram.sum)
             yield family
+        depth = GaugeMetricFamily("mserve_queue_depth",
+                                  "Requests waiting for or in a model run.", labels=labels)
         inline = CounterMetricFamily(
             "mserve_inline_runs", "Model runs made on the event loop for a lone request "
-            "(no thread hand-off).")
-        inline.add_metric([], self.m.inline_runs)
+            "(no thread hand-off).", labels=labels)
+        for version, run in versions:
+            depth.add_metric([model, version], run.depth)
+            inline.add_metric([model, version], run.inline_runs)
+        yield depth
         yield inline
 
 

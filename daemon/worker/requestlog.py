@@ -34,6 +34,10 @@ class Call:
     queue_ms: float | None = None
     batch: int | None = None
     error: str | None = None
+    # Seconds spent decoding the request, in its model run, encoding the answer (statistics).
+    input_s: float = 0.0
+    infer_s: float = 0.0
+    output_s: float = 0.0
     payload_in: bytes | None = None  # kept only with --log-payloads
     payload_out: bytes | None = None
 

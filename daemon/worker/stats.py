@@ -32,15 +32,21 @@ class Duration:
 
 @dataclass
 class VersionStats:
-    """Triton's per-model statistics for one version."""
+    """Triton's per-model statistics for one version. ``compute_input`` is the request's
+    decoding (body to arrays), ``compute_infer`` its model run (the joined batch's run for a
+    batched request), ``compute_output`` encoding the answer; each counts every answered
+    request. ``batch_stats`` count model runs by the number of requests joined."""
 
+    batched: bool = True  # the version batches: dim 0 is the batch (else each request is 1)
     last_inference_ms: int = 0
-    inference_count: int = 0  # batch elements (rows) served
+    inference_count: int = 0  # inferences: batch elements (rows), or requests when unbatched
     execution_count: int = 0  # model runs
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, Duration] = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -52,10 +58,22 @@ class VersionStats:
                 "mean_ms": round(mean, 3) if mean is not None else None}
 
     def observe_run(self, requests: int, rows: int, seconds: float) -> None:
+        """One model run of ``requests`` requests, ``rows`` rows (batch_stats)."""
         self.execution_count += 1
-        self.inference_count += rows
-        self.compute_infer.add(seconds, requests)
+        # Triton's count: a model without batching makes one inference per request, whatever
+        # its dim 0 means (a time-major RNN's dim 0 is time).
+        self.inference_count += rows if self.batched else requests
         self.batches.setdefault(requests, Duration()).add(seconds)
+
+    def observe_success(self, seconds: float, input_s: float, infer_s: float,
+                        output_s: float) -> None:
+        """One answered request: its latency and its decode, run and encode times. All in
+        one step, as Triton does when it releases a request, so the three compute counts
+        are equal in any snapshot (perf_analyzer refuses statistics where they differ)."""
+        self.success.add(seconds)
+        self.compute_input.add(input_s)
+        self.compute_infer.add(infer_s)
+        self.compute_output.add(output_s)
 
     def to_json(self, name: str, version: int) -> dict:
         zero = Duration().to_json()
@@ -66,8 +84,9 @@ class VersionStats:
             "execution_count": self.execution_count,
             "inference_stats": {
                 "success": self.success.to_json(), "fail": self.fail.to_json(),
-                "queue": self.queue.to_json(), "compute_input": zero,
-                "compute_infer": self.compute_infer.to_json(), "compute_output": zero,
+                "queue": self.queue.to_json(), "compute_input": self.compute_input.to_json(),
+                "compute_infer": self.compute_infer.to_json(),
+                "compute_output": self.compute_output.to_json(),
                 "cache_hit": zero, "cache_miss": zero,
             },
             "batch_stats": [{"batch_size": size, "compute_input": zero,
