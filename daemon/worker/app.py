@@ -155,16 +155,6 @@ class Serving:
         call.infer_s = max(0.0, time.perf_counter() - start - waited)
         return arrays
 
-    def decode(self, call: Call, parse, *args, **kwargs):
-        """``parse(*args, **kwargs)`` (a request's decoding), timed as the call's
-        compute_input (Triton's statistics)."""
-        return _timed(call, "input_s", parse, args, kwargs)
-
-    def encode(self, call: Call, build, *args, **kwargs):
-        """``build(*args, **kwargs)`` (an answer's encoding), timed as the call's
-        compute_output (Triton's statistics)."""
-        return _timed(call, "output_s", build, args, kwargs)
-
     async def infer(self, model: LoadedModel, request: codecs.InferRequest, call: Call,
                     alone: bool = False) -> list[tuple[codecs.RequestedOutput, object]]:
         """Check a decoded v2 request against ``model``, run it: (requested output, array)."""
@@ -299,19 +289,26 @@ class WorkerApp:
 
     async def _v2(self, model: LoadedModel, request: Request, call: Call):
         header_length = _int_header(request.headers, "inference-header-content-length")
-        parsed = self.s.decode(call, codecs.parse_request, request.body, header_length,
-                               max_elements=self.s.max_elements)
+        start = time.perf_counter()  # decode and encode times: Triton's compute_input/output
+        parsed = codecs.parse_request(request.body, header_length,
+                                      max_elements=self.s.max_elements)
+        call.input_s = time.perf_counter() - start
         results = await self.s.infer(model, parsed, call, self._alone())
-        out, headers = self.s.encode(call, codecs.encode_response, self.s.name,
-                                     str(model.number), parsed.id, results)
+        start = time.perf_counter()
+        out, headers = codecs.encode_response(self.s.name, str(model.number), parsed.id, results)
+        call.output_s = time.perf_counter() - start
         return out, [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def _v1(self, model: LoadedModel, request: Request, call: Call):
-        feeds, form = self.s.decode(call, codecs_v1.parse_predict, request.body, model.inputs,
-                                    max_elements=self.s.max_elements)
+        start = time.perf_counter()
+        feeds, form = codecs_v1.parse_predict(request.body, model.inputs,
+                                              max_elements=self.s.max_elements)
+        call.input_s = time.perf_counter() - start
         names = [o.name for o in model.outputs]
         arrays = await self.s.run(model, feeds, names, call, self._alone())
-        out = self.s.encode(call, codecs_v1.encode_predict, dict(zip(names, arrays)), form)
+        start = time.perf_counter()
+        out = codecs_v1.encode_predict(dict(zip(names, arrays)), form)
+        call.output_s = time.perf_counter() - start
         return out, list(JSON)
 
 
@@ -339,12 +336,3 @@ def _int_header(headers: dict[str, str], key: str) -> int | None:
 def configure_logging() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _timed(call: Call, field: str, work, args, kwargs):
-    """``work(*args, **kwargs)``, its seconds added to ``call.<field>``."""
-    start = time.perf_counter()
-    try:
-        return work(*args, **kwargs)
-    finally:
-        setattr(call, field, getattr(call, field) + time.perf_counter() - start)
