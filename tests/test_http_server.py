@@ -419,3 +419,58 @@ def test_large_bodies_are_coded_off_the_event_loop(mirrored, monkeypatch):
     assert [(what, thread is mirrored.thread) for what, thread in threads] == [
         ("inflate", False), ("compress", False)]
     conn.close()
+
+
+async def sized(request: Request):
+    """A body whose size the path names (``/n/SIZE``), the same for every method."""
+    size = int(request.path.rsplit("/", 1)[1])
+    return 200, [(b"content-type", b"text/plain"), (b"x-size", str(size).encode())], b"z" * size
+
+
+def read_head(conn: socket.socket, buffer: bytearray) -> tuple[int, dict]:
+    """The head of one answer to HEAD (no body follows it)."""
+    while b"\r\n\r\n" not in buffer:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a response")
+        buffer += chunk
+    head, _, rest = bytes(buffer).partition(b"\r\n\r\n")
+    buffer[:] = rest
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), lines[0]  # not a body left over before it
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers
+
+
+@pytest.mark.parametrize("size", [0, 17, 200_000])
+def test_head_sends_the_head_of_the_answer_and_no_body(size):
+    running = Running(handler=sized)
+    try:
+        conn, buffer = connect(running.port), bytearray()
+        request = f"/n/{size}"
+        conn.sendall(f"HEAD {request} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        status, head = read_head(conn, buffer)
+        assert status == 200 and head["content-length"] == str(size)
+        assert head["x-size"] == str(size) and "connection" not in head
+        # Keep-alive framing intact: the next answer on the connection is GET's, whole.
+        conn.sendall(f"GET {request} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        assert bytes(buffer[:9]) in (b"", b"HTTP/1.1 "[:len(buffer)])  # no stray body
+        status, got, body = read_response(conn, buffer)
+        assert status == 200 and body == b"z" * size and not buffer
+        assert {k: v for k, v in got.items()} == head
+        # Pipelined: HEAD, GET, HEAD in one write.
+        conn.sendall(b"".join(f"{m} {request} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+                              for m in ("HEAD", "GET", "HEAD")))
+        assert read_head(conn, buffer) == (200, head)
+        assert read_response(conn, buffer)[2] == b"z" * size
+        assert read_head(conn, buffer) == (200, head)
+        assert not buffer
+        conn.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            conn.recv(1)  # nothing more: no stray body bytes
+    finally:
+        running.stop()
+
+
+def test_405_has_a_reason_phrase():
+    assert http.encode(405, [], b"")[0].startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")

@@ -109,9 +109,13 @@ class Serving:
                 raise Unavailable(f"model '{name}' is not ready")
             chosen = self._split(headers) if self.traffic else self.active
             return self.models.get(chosen) or self.models[self.active]
+        # Only the canonical form names a version: int() would also take ' 1', '+1', '01'
+        # or '0_1' (and non-ASCII digits), so many spellings of 1 would reach version 1.
         try:
+            if not (version.isascii() and version.isdigit() and version[0] != "0"):
+                raise KeyError(version)
             return self.models[int(version)]
-        except (ValueError, KeyError):
+        except KeyError:
             loaded = ", ".join(str(n) for n in sorted(self.models)) or "none"
             raise NotFound(f"version '{version}' of model '{name}' is not loaded "
                            f"(loaded: {loaded})") from None
@@ -263,7 +267,9 @@ class WorkerApp:
             elif path.startswith("/v2/repository/"):
                 if (answer := routes.repository(self.s, path, request.body)) is not None:
                     return answer
-        raise NotFound(f"no route for {method} {path}")
+        elif method == "HEAD" and routes.allowed(path) == routes.GET_ALLOW:
+            return routes.get(self.s, path)  # the server sends GET's head without its body
+        raise routes.unrouted(method, path)
 
     async def _inference(self, m: re.Match, request: Request, handler):
         """The shared life of an inference request: handle, record, answer."""
@@ -316,6 +322,8 @@ def _failure(request: Request, exc: Exception) -> tuple[int, bytes, list]:
     """The answer to a request that raised ``exc``: its status and message for an
     MserveError (503 with Retry-After), else a logged 500."""
     if isinstance(exc, MserveError):
+        if exc.status == 405:
+            return 405, codecs.encode_error(exc.message), JSON + [(b"allow", exc.allow.encode())]
         if exc.status == 503:
             return 503, codecs.encode_error(exc.message), JSON + [(b"retry-after", b"1")]
         return exc.status, codecs.encode_error(exc.message), JSON

@@ -5,7 +5,8 @@ as it is known to exceed the limit), hands the whole ``Request`` to the app and 
 answer with one ``transport.write``. Requests on one connection are answered in order
 (pipelining works; reading pauses while too many requests, or too many body bytes, wait). Keep-alive follows HTTP/1.1 rules,
 idle connections close after ``keepalive_s``, ``Expect: 100-continue`` is honoured, and a
-request that does not parse gets 400 and the connection closes.
+request that does not parse gets 400 and the connection closes. HEAD is answered with the
+head the app's answer would have (Content-Length included) and no body.
 
 Bodies may come compressed (``Content-Encoding: gzip|deflate``, see ``encoding``): the limit
 then applies to the decompressed size, an unknown coding gets 415 and a corrupt stream 400.
@@ -38,7 +39,7 @@ log = logging.getLogger("mserve.worker")
 MAX_HEADER_BYTES = 64 * 1024
 MAX_PIPELINED = 32  # requests read ahead on one connection before reading pauses
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
-           413: b"Content Too Large", 415: b"Unsupported Media Type",
+           405: b"Method Not Allowed", 413: b"Content Too Large", 415: b"Unsupported Media Type",
            500: b"Internal Server Error", 503: b"Service Unavailable"}
 JSON_TYPE = b"application/json"
 
@@ -63,14 +64,17 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def encode(status: int, headers: list[tuple[bytes, bytes]], body: bytes,
-           close: bool = False) -> list[bytes]:
-    """The answer as the byte strings to write (head and body together when small)."""
+           close: bool = False, head: bool = False) -> list[bytes]:
+    """The answer as the byte strings to write (head and body together when small).
+    ``head``: the answer to HEAD, its Content-Length that of ``body``, which is not sent."""
     lines = [b"HTTP/1.1 %d %s\r\ncontent-length: %d\r\n"
              % (status, REASONS.get(status, b"Unknown"), len(body))]
     lines += [b"%s: %s\r\n" % pair for pair in headers]
     if close:
         lines.append(b"connection: close\r\n")
     lines.append(b"\r\n")
+    if head:
+        return [b"".join(lines)]
     if len(body) <= 65536:
         lines.append(body)
         return [b"".join(lines)]
@@ -248,6 +252,7 @@ class Connection(asyncio.Protocol):
             while self.waiting and not self.transport.is_closing():
                 item, keep = self.waiting.popleft()
                 if isinstance(item, Request):
+                    head = item.method == "HEAD"
                     self.buffered -= len(item.body)
                     try:
                         refused = None if item.coding is None else await self._decode(item)
@@ -259,11 +264,11 @@ class Connection(asyncio.Protocol):
                     finally:
                         self.server.pending -= 1
                 else:
-                    (status, headers, body), keep = item, False
+                    (status, headers, body), keep, head = item, False, False
                 keep = keep and not self.server.draining
                 if self.transport.is_closing():
                     return
-                for chunk in encode(status, headers, body, close=not keep):
+                for chunk in encode(status, headers, body, close=not keep, head=head):
                     self.transport.write(chunk)
                 if self.server.after is not None:
                     self.server.after()

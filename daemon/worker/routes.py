@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from mserve.daemon.errors import BadRequest, NotFound, Unavailable
+from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unavailable
 from mserve.daemon.protocol.modelconfig import model_config, repository_index
 from mserve.daemon.worker import codecs
 
@@ -29,6 +29,9 @@ V1_MODEL = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:
                       r"|/labels/(?P<label>[^/:]+))?(?P<op>:predict)?")
 REPOSITORY_MODEL = re.compile(r"/v2/repository/models/(?P<name>[^/]+)/(?P<op>load|unload)")
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+GET_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/v2", "/metrics", "/v1/models",
+                       "/v2/models/stats"})
+GET_ALLOW, POST_ALLOW = "GET, HEAD", "POST"
 MANAGED = "mserve manages versions itself: use 'mserve deploy' / 'mserve rollback'"
 try:
     SERVER_VERSION = _dist_version("mserve")
@@ -37,6 +40,37 @@ except Exception:  # running from a source tree without an install
 SERVER_METADATA = {"name": "mserve", "version": SERVER_VERSION,
                    "extensions": ["binary_tensor_data", "statistics", "model_configuration",
                                   "model_repository"]}
+
+
+class MethodNotAllowed(MserveError):
+    """A known route asked with a method it does not answer; ``allow`` lists those it does."""
+
+    status = 405
+
+    def __init__(self, method: str, path: str, allow: str):
+        super().__init__(f"{method} is not allowed on {path}; use {allow}")
+        self.allow = allow
+
+
+def allowed(path: str) -> str | None:
+    """The methods (an ``Allow`` value) a known route answers; None: no such route."""
+    if path in GET_PATHS:
+        return GET_ALLOW
+    if m := V2_MODEL.fullmatch(path):
+        return POST_ALLOW if m["op"] == "/infer" else GET_ALLOW
+    if m := V1_MODEL.fullmatch(path):
+        return POST_ALLOW if m["op"] else GET_ALLOW
+    if path == "/v2/repository/index" or REPOSITORY_MODEL.fullmatch(path):
+        return POST_ALLOW
+    return None
+
+
+def unrouted(method: str, path: str) -> MserveError:
+    """The error for ``method path`` that no route answered: 405 on a known route, else 404."""
+    allow = allowed(path)
+    if allow is None:
+        return NotFound(f"no route for {method} {path}")
+    return MethodNotAllowed(method, path, allow)
 
 
 def get(s: Serving, path: str):
@@ -59,7 +93,7 @@ def get(s: Serving, path: str):
         return _json(_v2_model(s, m))
     if (m := V1_MODEL.fullmatch(path)) and not m["op"]:
         return _json(v1_status(s, m["name"], m["version"], m["label"]))
-    raise NotFound(f"no route for GET {path}")
+    raise unrouted("GET", path)
 
 
 def _v2_model(s: Serving, m: re.Match) -> dict:
