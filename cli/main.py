@@ -84,7 +84,8 @@ def main(
 
 
 def run() -> None:
-    """Console entry point: user errors become one 'Error:' line and exit 1."""
+    """Console entry point: user errors become one 'Error:' line and exit 1 (2 for bad
+    usage, see ``render.BadUsage``)."""
     command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else None
     try:
         build(command)()
@@ -92,7 +93,7 @@ def run() -> None:
         sys.stderr.write(f"Error: {exc.message}\n")
         if exc.hint:
             sys.stderr.write(f"Hint: {exc.hint}\n")
-        sys.exit(1)
+        sys.exit(getattr(exc, "exit_code", 1))
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted\n")
         sys.exit(130)

@@ -11,8 +11,18 @@ from typing import Annotated
 
 import typer
 
+from mserve.daemon.errors import MserveError
+
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="Print one JSON document on stdout (stable keys; see docs/cli.md).")]
+
+
+class BadUsage(MserveError):
+    """A command line the contract calls bad usage: ``Error: ...`` on stderr and exit 2,
+    checked in the CLI before anything is sent to the daemon."""
+
+    status = 400
+    exit_code = 2
 
 
 def emit_json(obj) -> None:

@@ -171,6 +171,8 @@ class Deployments:
         if existing:
             active = self.state.version(name, existing["active_version"])
             if active and active["sha256"] == artifact.sha256:
+                log.info("deploy of %s from %s: identical to active version %s, nothing "
+                         "changed", name, artifact.source, active["number"])
                 return {"changed": False, "name": name, "version": active["number"],
                         "sha256": artifact.sha256, "signature_changed": [],
                         "deployment": self.describe(existing)}
@@ -192,9 +194,21 @@ class Deployments:
             else:
                 await self._first_deploy(name, version, options, token_hash, req)
         except DeployFailed as exc:
+            message = _user_words(exc.message, artifact, self.store.path_of(artifact.sha256))
+            log.info("deploy of %s failed (version %s from %s): %s", name, number,
+                     artifact.source, message)
             with contextlib.suppress(sqlite3.Error):
-                self.state.record_failed(name, version, exc.message)
+                self.state.record_failed(name, version, message)
+            if message == exc.message:
+                raise
+            raise DeployFailed(message, hint=exc.hint) from None
+        except MserveError as exc:
+            log.info("deploy of %s refused (version %s from %s): %s", name, number,
+                     artifact.source, exc.message)
             raise
+        log.info("deployed %s version %s (sha256 %s, %s, from %s)%s", name, number,
+                 artifact.sha256[:12], _size(artifact.size), artifact.source,
+                 f" as a {canary}% canary" if canary else "")
         d = self.state.deployment(name)
         return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
                 "previous": existing["active_version"] if existing else None,
@@ -352,6 +366,8 @@ class Deployments:
                 await self.apply(d, Plan(current, None, d["labels"], self._standby(d)))
                 self.state.record_traffic(name, None, "rollback",
                                           f"canary stopped; all traffic to version {current}")
+                log.info("rollback %s: canary stopped, all traffic to version %s", name,
+                         current)
                 return {"changed": True, "name": name, "version": current, "previous": current,
                         "canary_stopped": True, "deployment": self.describe(self.get(name))}
             target = self._rollback_target(d, to)
@@ -360,6 +376,7 @@ class Deployments:
                         "deployment": self.describe(d)}
             await self.apply(d, Plan(target["number"], None, d["labels"], current))
             self.state.record_activate(name, target["number"])
+            log.info("rollback %s: version %s active (was %s)", name, target["number"], current)
             return {"changed": True, "name": name, "version": target["number"],
                     "previous": current, "deployment": self.describe(self.get(name))}
 
@@ -384,6 +401,7 @@ class Deployments:
             d = self.get(name)
             await self.supervisor.stop(name, timeout=drain_timeout())
             self.state.delete_deployment(name)
+            log.info("undeployed %s (port %s freed)", name, d["port"])
             shutil.rmtree(self.paths.home / "tls" / name, ignore_errors=True)
             return {"name": name, "port": d["port"], "removed": True}
 
@@ -403,12 +421,20 @@ class Deployments:
             versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep
                                                        if rows[n]["state"] != st.PRUNED]
             config = self._config(d, versions, bind_retry_s=5, route=plan.route(d))
+            worker = self.supervisor.get(name)
+            why = "daemon start" if restored else (worker.error if worker else None)
             try:
                 await self.supervisor.start(name, config, load_timeout())
             except DeployFailed as exc:
+                log.warning("%s of %s failed: %s", "restore" if restored else "restart", name,
+                            exc.message)
                 self.state.add_event(name, "restart-failed", d["active_version"], exc.message)
                 self.supervisor.note_failed_start(name, exc.message)
                 return
+            worker = self.supervisor.get(name)
+            log.info("%s %s: version %s, pid %s (%s)", "restored" if restored else "restarted",
+                     name, d["active_version"], worker.pid if worker else None,
+                     why or "restart")
             self.state.add_event(name, "restore" if restored else "restart", d["active_version"])
 
     async def _on_exit(self, name: str, reason: str) -> None:
@@ -448,6 +474,29 @@ class Deployments:
             if port not in taken:
                 return port
         raise MserveError("could not find a free port")
+
+
+def _user_words(message: str, artifact, stored: Path) -> str:
+    """A load error as the user should read it: the child names the store's copy
+    (``models/<sha256>/model.onnx``); name the user's file instead."""
+    source = Path(artifact.source)
+    user_file, folder = source, source.parent
+    if source.is_dir():
+        folder = source
+        with contextlib.suppress(MserveError, OSError):
+            from mserve.daemon.store import model_in
+            user_file = model_in(source) or source / stored.name
+    message = message.replace(str(stored), str(user_file))
+    message = message.replace(str(stored.parent), str(folder))
+    return message.replace(f"'{stored.name}'", f"'{user_file.name}'")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 def drain_timeout() -> float:

@@ -7,6 +7,7 @@ survive any restart exactly as they were last confirmed.
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 
@@ -15,6 +16,7 @@ from mserve.daemon.deployments import Deployments
 from mserve.daemon.plan import Plan
 from mserve.daemon.errors import BadRequest, Conflict, NotFound
 
+log = logging.getLogger("mserve.daemon")
 LABEL = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 SERVABLE = (st.ACTIVE, st.CANARY, st.STANDBY, st.RETIRED)
 
@@ -48,6 +50,8 @@ class Rollouts:
                                        self.d._standby(d)))
             self.d.state.record_options(name, d["options"])
             self.d.state.record_traffic(name, split, "traffic")
+            log.info("traffic %s: %s%s", name, st._split_text(split),
+                     f", sticky by {sticky}" if sticky else "")
             return await self.show(self.d.get(name))
 
     async def show(self, d: dict) -> dict:
@@ -70,10 +74,20 @@ class Rollouts:
                 number = max(canaries)
             self._servable(name, number)
             previous = d["active_version"]
-            await self.d.apply(d, Plan(number, None, d["labels"],
-                                       previous if previous != number else self.d._standby(d)))
-            self.d.state.record_activate(name, number, action="promote")
-            return {"name": name, "version": number, "previous": previous,
+            if number == previous:
+                if not d["traffic"]:  # already active with all traffic: nothing to do
+                    return {"changed": False, "name": name, "version": number,
+                            "previous": previous, "deployment": self.d.describe(d)}
+                # already active, with a split: all traffic back to it, standby kept
+                await self.d.apply(d, Plan(number, None, d["labels"], self.d._standby(d)))
+                self.d.state.record_traffic(name, None, "promote",
+                                            f"all traffic to version {number}")
+                log.info("promote %s: all traffic to version %s (already active)", name, number)
+            else:
+                await self.d.apply(d, Plan(number, None, d["labels"], previous))
+                self.d.state.record_activate(name, number, action="promote")
+                log.info("promote %s: version %s active (was %s)", name, number, previous)
+            return {"changed": True, "name": name, "version": number, "previous": previous,
                     "deployment": self.d.describe(self.d.get(name))}
 
     async def label(self, name: str, label: str, number: int | None) -> dict:
@@ -95,6 +109,7 @@ class Rollouts:
             await self.d.apply(d, Plan(d["active_version"], d["traffic"], labels,
                                        self.d._standby(d)))
             self.d.state.record_labels(name, labels, detail)
+            log.info("label %s: %s", name, detail)
             return {"name": name, "labels": labels}
 
     def retain(self, name: str) -> list[int]:

@@ -242,8 +242,10 @@ class State:
         standby, any other standby or canary retired."""
         current = self.db.execute("SELECT active_version FROM deployments WHERE name = ?",
                                   [name]).fetchone()[0]
-        self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND state IN (?, ?)",
-                        [RETIRED, name, STANDBY, CANARY])
+        # re-activating the active version keeps its standby (still loaded in the worker)
+        retire = (CANARY,) if current == number else (STANDBY, CANARY)
+        self.db.execute(f"UPDATE versions SET state = ? WHERE deployment = ? AND state IN "
+                        f"({', '.join('?' * len(retire))})", [RETIRED, name, *retire])
         self.db.execute("UPDATE deployments SET traffic = NULL WHERE name = ?", [name])
         if current is not None and current != number:
             self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND number = ?",

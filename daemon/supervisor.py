@@ -177,7 +177,8 @@ class Supervisor:
         hint = _log_hint(worker.log_path) if code and code > 0 else ""
         worker.error = f"worker exited ({_exit(code)}){hint}"
         worker.status = FAILED if worker.crashes >= FAILED_AFTER else LOADING
-        log.warning("worker of %s exited: %s", worker.name, worker.error)
+        log.warning("worker of %s (pid %s) exited: %s; restart in %.2f s", worker.name,
+                    proc.pid, worker.error, backoff(worker.crashes))
         await self.on_exit(worker.name, worker.error)
         self.schedule_restart(worker)
 

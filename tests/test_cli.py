@@ -83,7 +83,8 @@ def test_list_imports_nothing_heavy(shared, affine_v1):
 ])
 def test_user_mistakes_are_one_line_errors(shared, affine_v1, tmp_path, args, words):
     args = [a.format(tmp=tmp_path, model=affine_v1) for a in args]
-    err = shared.fail(*args, input='{"x": [[1, 2, 3, 4]]}')
+    code = 2 if "invalid deployment name" in words else 1  # bad usage exits 2
+    err = shared.fail(*args, input='{"x": [[1, 2, 3, 4]]}', code=code)
     assert err.startswith("Error: ") and words in err, err
 
 

@@ -153,16 +153,16 @@ def test_retention_prunes_old_artifacts_but_never_protected_ones(mserve, version
     assert mserve.json("prune")["removed"] == []
 
 
-@pytest.mark.parametrize("args, words", [
-    (["traffic", "bad", "1=50", "2=40"], "add up to 100"),
-    (["traffic", "bad", "1=50", "9=50"], "version 9 of 'bad' not found"),
-    (["traffic", "bad", "x=100"], "VERSION=PERCENT"),
-    (["promote", "bad"], "no canary"),
-    (["label", "bad", "Stable", "1"], "invalid label"),
-    (["label", "bad", "stable"], "--delete"),
+@pytest.mark.parametrize("args, words, code", [
+    (["traffic", "bad", "1=50", "2=40"], "add up to 100", 1),
+    (["traffic", "bad", "1=50", "9=50"], "version 9 of 'bad' not found", 1),
+    (["traffic", "bad", "x=100"], "VERSION=PERCENT", 2),
+    (["promote", "bad"], "no canary", 1),
+    (["label", "bad", "Stable", "1"], "invalid label", 2),
+    (["label", "bad", "stable"], "--delete", 2),
 ])
-def test_rollout_mistakes_are_clear_errors(shared, versions, args, words):
+def test_rollout_mistakes_are_clear_errors(shared, versions, args, words, code):
     if not any(d["name"] == "bad" for d in shared.json("list")):
         shared.json("deploy", versions[0], "--name", "bad")
         shared.json("deploy", versions[1], "--name", "bad")
-    assert words in shared.fail(*args)
+    assert words in shared.fail(*args, code=code)  # 2: bad usage

@@ -281,12 +281,13 @@ def test_serve_explains_a_folder_without_a_model(tmp_path):
 
 def test_serve_usage_errors_are_one_line(tmp_path):
     model = models.affine(tmp_path / "m.onnx")
-    for args, words in ([[model, "--port", "9000", "--grpc-port", "9000"], "must differ"],
-                        [[tmp_path / "none"], "does not exist"],
-                        [[model, "--name", "Bad Name"], "invalid deployment name"]):
+    for args, words, code in ([[model, "--port", "9000", "--grpc-port", "9000"], "must differ",
+                               1],
+                              [[tmp_path / "none"], "does not exist", 1],
+                              [[model, "--name", "Bad Name"], "invalid deployment name", 2]):
         result = subprocess.run(CLI + ["serve"] + [str(a) for a in args], capture_output=True,
                                 text=True, timeout=60)
-        assert result.returncode == 1 and result.stderr.startswith("Error: "), result.stderr
+        assert result.returncode == code and result.stderr.startswith("Error: "), result.stderr
         assert words in result.stderr and "Traceback" not in result.stderr
 
 

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from mserve.cli import autostart
-from mserve.cli.render import JsonOption, emit_json, say
+from mserve.cli.render import BadUsage, JsonOption, emit_json, say
 from mserve.daemon.errors import MserveError
+from mserve.daemon.paths import check_name
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -95,6 +96,8 @@ def deploy(
 
     Example: mserve deploy examples/iris/model.onnx --name iris
     """
+    if name is not None and (problem := check_name(name)):
+        raise BadUsage(problem)
     if token_file is not None:
         try:
             token = token_file.read_text().strip()

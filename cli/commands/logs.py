@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from mserve.cli.render import JsonOption, emit_json
+from mserve.cli.render import BadUsage, JsonOption, emit_json
 from mserve.daemon import paths as paths_mod
-from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.errors import MserveError
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -32,6 +32,7 @@ def logs(
 
     Example: mserve logs iris --since 10m
     """
+    window = parse_since(since) if since is not None else None  # bad usage first: exit 2
     paths = paths_mod.resolve()
     if name is None:
         tail_text(paths.daemon_log, lines, follow)
@@ -40,7 +41,7 @@ def logs(
     if not path.exists():
         raise MserveError(f"no request log for '{name}' (is it deployed, and has it served "
                           "a request?)")
-    cutoff = time.time() - parse_since(since) if since else None
+    cutoff = time.time() - window if window is not None else None
     entries = [e for e in _read(path) if cutoff is None or _epoch(e["time"]) >= cutoff]
     entries = entries[-lines:] if lines else entries
     if json_out and not follow:
@@ -55,7 +56,7 @@ def logs(
 def parse_since(text: str) -> float:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
     if not m:
-        raise BadRequest(f"--since {text!r}: use a number and a unit, e.g. 30s, 10m, 2h, 1d")
+        raise BadUsage(f"--since {text!r}: use a number and a unit, e.g. 30s, 10m, 2h, 1d")
     return float(m.group(1)) * UNITS[m.group(2)]
 
 

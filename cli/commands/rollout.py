@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Optional
 
 import typer
 
 from mserve.cli import autostart
-from mserve.cli.render import JsonOption, emit_json, human_size, millis, say, table
-from mserve.daemon.errors import BadRequest
+from mserve.cli.render import (BadUsage, JsonOption, emit_json, human_size, millis, say,
+                               table)
+
+# The label rule of daemon/rollout.py LABEL, checked here so bad usage exits 2 without the
+# daemon (which checks it again for other clients).
+LABEL = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
 
 
 def traffic(
@@ -43,7 +48,7 @@ def parse_split(pairs: list[str]) -> dict[str, int]:
     for pair in pairs:
         version, sep, percent = pair.partition("=")
         if not sep or not version.isdigit() or not percent.isdigit():
-            raise BadRequest(f"'{pair}' is not VERSION=PERCENT (e.g. 4=10)")
+            raise BadUsage(f"'{pair}' is not VERSION=PERCENT (e.g. 4=10)")
         split[version] = int(percent)
     return split
 
@@ -62,7 +67,10 @@ def promote(
     if json_out:
         emit_json(answer)
     else:
-        say(f"Promoted {name} version {answer['version']} (was {answer['previous']})")
+        if answer.get("changed") is False:
+            say(f"Nothing changed: version {answer['version']} of {name} is already active")
+        else:
+            say(f"Promoted {name} version {answer['version']} (was {answer['previous']})")
 
 
 def label(
@@ -79,7 +87,10 @@ def label(
     Example: mserve label recs stable 3
     """
     if (version is None) != delete:
-        raise BadRequest("give a VERSION, or --delete to remove the label")
+        raise BadUsage("give a VERSION, or --delete to remove the label")
+    if not LABEL.fullmatch(label_name):
+        raise BadUsage(f"invalid label {label_name!r}: use a-z, 0-9, '_', '.', '-', starting "
+                       "with a letter")
     answer = autostart.client().label(name, label_name, version)
     if json_out:
         emit_json(answer)

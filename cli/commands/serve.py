@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from mserve.cli.commands.deploy import BATCHING_HELP, LOOPBACK, Batching, Device
+from mserve.cli.render import BadUsage
 from mserve.daemon.errors import BadRequest, MserveError
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import hash_token
@@ -69,6 +70,8 @@ def serve(
 
     Example: mserve serve /mnt/models --port 8080 --name iris
     """
+    if name is not None and (problem := check_name(name.lower())):
+        raise BadUsage(problem)  # bad usage: exit 2
     model, number, hint = locate(path.expanduser())
     name = (name or hint or default_name(path.expanduser())).lower()
     if problem := check_name(name):
