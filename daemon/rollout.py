@@ -50,7 +50,7 @@ class Rollouts:
                                        self.d._standby(d)))
             self.d.state.record_options(name, d["options"])
             self.d.state.record_traffic(name, split, "traffic")
-            log.info("traffic %s: %s%s", name, st._split_text(split),
+            log.info("traffic %s: %s%s", name, st.split_text(split),
                      f", sticky by {sticky}" if sticky else "")
             return await self.show(self.d.get(name))
 

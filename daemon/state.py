@@ -184,7 +184,7 @@ class State:
         """Set the split of unpinned traffic (None: all to the active version)."""
         with self.db.atomic():
             self._set_traffic(name, traffic)
-            self._event(name, action, None, detail or _split_text(traffic))
+            self._event(name, action, None, detail or split_text(traffic))
 
     def record_options(self, name: str, options: dict) -> None:
         with self.db.atomic():
@@ -256,7 +256,7 @@ class State:
                         [number, now(), name])
 
 
-def _split_text(traffic: dict[int, int] | None) -> str:
+def split_text(traffic: dict[int, int] | None) -> str:
     if not traffic:
         return "all traffic to the active version"
     return " ".join(f"{v}={w}" for v, w in sorted(traffic.items(), key=lambda i: int(i[0])))

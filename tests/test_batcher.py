@@ -22,6 +22,7 @@ class FakeModel:
         self.sessions = [object()]
         self.batchable = batchable
         self.size_bound = size_bound
+        self.warm_cost = None  # no warm run timed: the batcher learns the cost from runs
         self.runs: list[int] = []
         self.sessions_used: set[int] = set()
         self.threads: set[str] = set()

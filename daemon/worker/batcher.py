@@ -67,7 +67,7 @@ class Batcher:
         self.pending: deque[Job] = deque()
         self.inflight = 0  # submitted and not answered
         # Seconds per input element: a moving average of runs, from the load's warm run.
-        self.cost: float | None = getattr(model, "warm_cost", None)
+        self.cost: float | None = model.warm_cost
         # The loop, looked up once: on Python 3.11 every asyncio.get_running_loop() (and so
         # every asyncio.Event.wait) costs a getpid() system call, 10 % of a busy worker here.
         self.loop = asyncio.get_running_loop()
