@@ -7,8 +7,10 @@ A private daemon (fresh MSERVE_HOME under /tmp) serves two deployments of affine
 (x FP32 [2, 3], no batch dim). For the whole run, N persistent connections (asyncio streams,
 half to each deployment, loopback only) send a mix of good requests (v2 JSON, v2 binary, v1)
 and bad ones (malformed JSON, wrong dtype, wrong shape, unknown input, lying binary sizes, oversized
-shape) to both. A chaos thread meanwhile deploys new versions and rolls back every few seconds
-and, once in the middle, SIGKILLs the batch deployment's worker.
+shape) to both. A chaos thread meanwhile deploys new versions and rolls back every few seconds,
+``kill -9``s the daemon three times (at 20, 70 and 85 % of the run; no CLI command brings it
+back: a worker starts a new daemon, which must adopt the same worker processes, and no
+request may fail meanwhile) and, once in the middle, SIGKILLs the batch deployment's worker.
 
 Every answer is classified: good served (200, numbers checked against the affine function of
 the version that answered), bad answered 4xx (expected), 503 (overloaded / version unloaded;
@@ -52,6 +54,7 @@ MSERVE = [sys.executable, "-m", "mserve.cli.main"]
 RSS_LIMIT = 0.10
 WINDOW_GRACE_S = 1.0
 HEALTH_POLL_S = 0.02
+DAEMON_KILLS = (0.4, 1.4, 1.7)  # kill -9 of the daemon, as fractions of the worker kill time
 MAX_FAILURE_SAMPLES = 25
 
 
@@ -143,7 +146,7 @@ class Installation:
                            capture_output=True, timeout=60, check=False)
         except (OSError, subprocess.SubprocessError) as exc:
             print(f"soak: `mserve daemon stop` failed ({exc}); killing the daemon", flush=True)
-        pid = self.daemon_pid or self._lock_pid()
+        pid = self._lock_pid() or self.daemon_pid
         if pid is not None and _alive(pid):
             try:  # the daemon leads its own process group (its workers included)
                 if os.getpgid(pid) == pid:
@@ -151,6 +154,11 @@ class Installation:
                 else:
                     os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
+                pass
+        for record in (self.home / "workers").glob("*.json"):  # workers outlive a daemon
+            try:
+                os.killpg(json.loads(record.read_text())["pid"], signal.SIGKILL)
+            except (OSError, ValueError, KeyError):
                 pass
         shutil.rmtree(self.home, ignore_errors=True)
 
@@ -533,6 +541,7 @@ class Chaos(threading.Thread):
         self.errors: list[str] = []
         self.variant = {m.name: 0 for m in DEPLOYMENTS}
         self.stop_event = threading.Event()
+        self.daemon_back_s: list[float] = []
 
     def run(self) -> None:
         try:
@@ -548,6 +557,7 @@ class Chaos(threading.Thread):
     def _loop(self) -> None:
         start = time.monotonic()
         killed = False
+        daemon_kills = [self.kill_after * f for f in DAEMON_KILLS]
         step = 0
         while True:
             if not self._pause(self.every):
@@ -555,6 +565,10 @@ class Chaos(threading.Thread):
             if not killed and time.monotonic() - start >= self.kill_after:
                 killed = True
                 self._kill(DEPLOYMENTS[0].name)
+                continue
+            if daemon_kills and time.monotonic() - start >= daemon_kills[0]:
+                daemon_kills.pop(0)
+                self._kill_daemon()
                 continue
             model = DEPLOYMENTS[(step // 2) % len(DEPLOYMENTS)]
             try:
@@ -579,6 +593,31 @@ class Chaos(threading.Thread):
         an earlier rollback) a retired version that the worker has to load again."""
         out = self.inst.cli("rollback", name)
         self.stats["rollbacks" if out["changed"] else "rollbacks-unchanged"] += 1
+
+    def _kill_daemon(self) -> None:
+        """kill -9 the daemon and, with no CLI command, wait until a worker has started a
+        new one that answers; the workers must be the same processes (adopted)."""
+        pids = {m.name: self.inst.deployment(m.name)["pid"] for m in DEPLOYMENTS}
+        daemon = self.inst._lock_pid()
+        os.kill(daemon, signal.SIGKILL)
+        killed_at = time.monotonic()
+        self.stats["daemon-kills"] += 1
+        while time.monotonic() < killed_at + 60:
+            new = self.inst._lock_pid()
+            if new not in (None, daemon) and _alive(new) and \
+                    self.inst.cli("daemon", "status")["running"]:
+                break
+            time.sleep(HEALTH_POLL_S)
+        else:
+            self.errors.append("no daemon came back within 60 s of a kill -9 of the daemon")
+            return
+        self.daemon_back_s.append(time.monotonic() - killed_at)
+        after = {m.name: self.inst.deployment(m.name)["pid"] for m in DEPLOYMENTS}
+        if after != pids:
+            self.errors.append(f"workers were not adopted after a daemon kill: {pids} -> "
+                               f"{after}")
+        else:
+            self.stats["adopted"] += len(after)
 
     def _kill(self, name: str) -> None:
         before = self.inst.deployment(name)
@@ -655,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     every = min(args.chaos_every, 2.0) if args.quick else args.chaos_every
 
     print(f"mserve soak: {duration:.0f} s, {args.connections} connections, chaos every "
-          f"{every:g} s, one SIGKILL at {duration / 2:.0f} s", flush=True)
+          f"{every:g} s, one worker SIGKILL at {duration / 2:.0f} s, daemon kill -9 at "
+          + ", ".join(f"{duration / 2 * f:.0f}" for f in DAEMON_KILLS) + " s", flush=True)
     workdir = Path(tempfile.mkdtemp(prefix="mss-models-", dir="/tmp"))
     inst = Installation()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -761,6 +801,11 @@ def report(args, inst, date, duration, elapsed, every, warmup, tally: Tally, in_
         lines.append(f"kill: {window.name} worker pid {window.old_pid} SIGKILLed at "
                      f"{window.killed_at - started:.1f} s, {answered} (new pid "
                      f"{window.new_pid}); window = kill .. answered + {WINDOW_GRACE_S:g} s")
+    back = chaos.daemon_back_s
+    lines.append(f"daemon: {chaos.stats['daemon-kills']} kill -9s under load; a new daemon "
+                 "(started by a worker, no CLI command) answered after "
+                 + (f"{min(back):.2f}-{max(back):.2f} s" if back else "-")
+                 + f"; workers adopted with the same pids: {chaos.stats['adopted']}")
     lines.append(f"chaos: {chaos.stats['deploys']} deploys of a new version, "
                  f"{chaos.stats['rollbacks']} rollbacks, {chaos.stats['kills']} kill; "
                  f"chaos errors {len(chaos.errors)}")

@@ -31,9 +31,10 @@ def client(autostart: bool = True) -> DaemonClient:
 
 
 def start(paths: paths_mod.Paths) -> int:
-    """Start the daemon in the background and wait until it answers; its pid."""
-    paths_mod.ensure_private_dir(paths.home)
-    paths_mod.ensure_private_dir(paths.logs)
+    """Start the daemon in the background and wait until it answers; its pid. A folder
+    another user could control is refused here, before any daemon starts."""
+    for folder in (paths.home, paths.logs, paths.socket.parent):
+        paths_mod.ensure_private_dir(folder)
     with open(paths.daemon_log, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "mserve.daemon"], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
@@ -45,12 +46,31 @@ def start(paths: paths_mod.Paths) -> int:
         except DaemonUnavailable:
             pass
         code = proc.poll()
-        if code is not None and code != EXIT_ALREADY_RUNNING:
+        # Exit 3: another daemon (a worker may have started one) holds the lock; wait for
+        # it only while it lives.
+        if code is not None and (code != EXIT_ALREADY_RUNNING or not _holder_alive(paths)):
             raise MserveError(f"the daemon failed to start: {_last_line(paths.daemon_log)}",
                               hint=f"see the log: {paths.daemon_log}")
         time.sleep(0.05)
     raise MserveError(f"the daemon did not answer within {START_TIMEOUT_S:.0f} s",
                       hint=f"see the log: {paths.daemon_log}")
+
+
+def _holder_alive(paths: paths_mod.Paths) -> bool:
+    """Whether the process named in the daemon's lock file runs (0.5 s of grace for the
+    one that holds the lock to write its pid)."""
+    deadline = time.monotonic() + 0.5
+    while True:
+        try:
+            pid = int(paths.lock.read_text().strip() or "0")
+            if pid > 0:
+                os.kill(pid, 0)
+                return True
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _last_line(path) -> str:

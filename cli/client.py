@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 from mserve.daemon.errors import MserveError, error_for_status
+from mserve.daemon.paths import UnsafePath, check_peer, check_socket
 
 
 class DaemonUnavailable(MserveError):
@@ -99,10 +101,17 @@ class DaemonClient:
         self.on_not_running = on_not_running
 
     def _connect(self, timeout: float | None) -> socket.socket:
+        """A connection to the daemon, checked to be this user's before anything is sent:
+        the socket file (``paths.check_socket``), then the process listening on it."""
+        check_socket(Path(self.socket_path))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(self.socket_path)
+            check_peer(sock, self.socket_path)
+        except UnsafePath:
+            sock.close()
+            raise
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             if self.on_not_running is not None:
@@ -206,8 +215,8 @@ class DaemonClient:
         query = f"?name={quote(name, safe='')}" if name else ""
         return self.call("GET", f"/v1/events{query}")
 
-    def shutdown(self) -> dict:
-        return self.call("POST", "/v1/shutdown", {})
+    def shutdown(self, keep_serving: bool = False) -> dict:
+        return self.call("POST", "/v1/shutdown", {"keep_serving": keep_serving})
 
 
 def request_url(url: str, method: str, path: str, body: bytes | None = None,

@@ -71,7 +71,7 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
     async def rollback(request: Request):
         body = await _body(request)
         to = _version_field(body, "to")
-        return JSONResponse(await deployments.rollback(request.path_params["name"], to))
+        return JSONResponse(await rollouts.rollback(request.path_params["name"], to))
 
     async def undeploy(request: Request):
         return JSONResponse(await deployments.undeploy(request.path_params["name"]))
@@ -117,7 +117,9 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         return JSONResponse(events)
 
     async def shutdown(request: Request):
-        on_shutdown()
+        body = await request.body()
+        keep = bool(json.loads(body).get("keep_serving")) if body.strip() else False
+        on_shutdown(keep_serving=keep)
         return JSONResponse({"stopping": True, "pid": os.getpid()})
 
     async def error(request: Request, exc: Exception):

@@ -12,24 +12,27 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import shutil
-import socket
 import sqlite3
 import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from mserve.daemon import faults, validation
+from mserve.daemon import adoption, faults, validation
 from mserve.daemon import state as st
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
-from mserve.daemon.paths import Paths, check_name, ensure_private_dir
+from mserve.daemon.paths import Paths, check_name
 from mserve.daemon.plan import (Plan, canary_percent, check_batching, check_same_place,
                                 default_name, hash_token, input_changes, signature_changes)
 from mserve.daemon.state import State
 from mserve.daemon.store import Store
 from mserve.daemon.supervisor import READY, Supervisor
+from mserve.daemon.views import size, url_host, user_words, version_view
+from mserve.daemon.workerconfig import (drain_timeout, free_port, load_timeout, store_tls,
+                                        used_ports, worker_config)
+
+__all__ = ["Deployments", "drain_timeout", "load_timeout"]
 
 log = logging.getLogger("mserve.daemon")
 DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
@@ -37,20 +40,18 @@ DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": N
                    "sticky_header": None, "keep": 5, "log_payloads": False,
                    "batching": "auto"}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
+RELOAD_KEYS = ("device", "instances", "threads", "batching")  # they act when a version loads
 # The deploy in progress reports its phases here (one per task, so parallel deploys of
 # different names do not mix their reports).
 _progress: contextvars.ContextVar[Callable[[dict], None]] = contextvars.ContextVar(
     "progress", default=lambda step: None)
 
 
-def load_timeout() -> float:
-    return float(os.environ.get("MSERVE_LOAD_TIMEOUT", "120"))
-
-
 class Deployments:
     def __init__(self, paths: Paths, state: State, store: Store, python: str = sys.executable):
         self.paths, self.state, self.store, self.python = paths, state, store, python
-        self.supervisor = Supervisor(paths.worker_log, self._on_exit, self._restart, python)
+        self.supervisor = Supervisor(paths.worker_log, self._on_exit, self._restart, python,
+                                     on_hung=self._on_hung)
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._reserved_ports: set[int] = set()
         self.ingesting: set[str] = set()  # stored blobs whose deploy has not finished
@@ -65,9 +66,9 @@ class Deployments:
         return {
             "name": d["name"], "version": d["active_version"],
             "status": worker.status if worker else "loading",
-            "url": f"{scheme}://{_url_host(shown_host)}:{d['port']}", "port": d["port"],
+            "url": f"{scheme}://{url_host(shown_host)}:{d['port']}", "port": d["port"],
             "grpc_port": d["options"].get("grpc_port"),
-            "grpc_url": (f"{_url_host(shown_host)}:{d['options']['grpc_port']}"
+            "grpc_url": (f"{url_host(shown_host)}:{d['options']['grpc_port']}"
                          if d["options"].get("grpc_port") else None),
             "host": d["host"], "device": active.get("meta", {}).get("device"),
             "batching": active.get("meta", {}).get("batching"),
@@ -102,7 +103,7 @@ class Deployments:
         """Everything about one deployment, for ``mserve status NAME``."""
         return {**self.describe(d), "live": live,
                 "loaded": (live or {}).get("loaded", []),
-                "versions_detail": [_version_view(v) for v in self.state.versions(d["name"])],
+                "versions_detail": [version_view(v) for v in self.state.versions(d["name"])],
                 "events": self.state.events(d["name"], limit=10)}
 
     def get(self, name: str) -> dict:
@@ -146,7 +147,7 @@ class Deployments:
 
     def version_rows(self, name: str, loaded: set[int]) -> list[dict]:
         """``versions`` with whether each is loaded in the worker and on disk."""
-        return [{**_version_view(v), "loaded": v["number"] in loaded,
+        return [{**version_view(v), "loaded": v["number"] in loaded,
                  "on_disk": self.store.has(v["sha256"]) and v["state"] != st.PRUNED}
                 for v in self.state.versions(self.get(name)["name"])]
 
@@ -168,19 +169,23 @@ class Deployments:
             self.ingesting.discard(artifact.sha256)
 
     async def _deploy_stored(self, name: str, artifact, existing: dict | None, req: dict) -> dict:
+        options = {**(existing or {}).get("options", DEFAULT_OPTIONS),
+                   **{k: req[k] for k in OPTION_KEYS if req.get(k) is not None}}
         if existing:
             active = self.state.version(name, existing["active_version"])
             if active and active["sha256"] == artifact.sha256:
-                log.info("deploy of %s from %s: identical to active version %s, nothing "
-                         "changed", name, artifact.source, active["number"])
-                return {"changed": False, "name": name, "version": active["number"],
+                changed = await self._reconfigure(existing, options)
+                log.info("deploy of %s from %s: identical to active version %s, %s", name,
+                         artifact.source, active["number"],
+                         f"options changed: {', '.join(changed)}" if changed
+                         else "nothing changed")
+                return {"changed": bool(changed), "name": name, "version": active["number"],
                         "sha256": artifact.sha256, "signature_changed": [],
-                        "deployment": self.describe(existing)}
+                        "options_changed": changed,
+                        "deployment": self.describe(self.get(name))}
         number = self.state.next_version(name)
         version = {"number": number, "sha256": artifact.sha256, "size": artifact.size,
                    "source": artifact.source}
-        options = {**(existing or {}).get("options", DEFAULT_OPTIONS),
-                   **{k: req[k] for k in OPTION_KEYS if req.get(k) is not None}}
         token_hash = hash_token(req.get("token")) or (existing or {}).get("token_hash")
         canary = canary_percent(req, existing)
         changes: list[str] = []
@@ -194,7 +199,7 @@ class Deployments:
             else:
                 await self._first_deploy(name, version, options, token_hash, req)
         except DeployFailed as exc:
-            message = _user_words(exc.message, artifact, self.store.path_of(artifact.sha256))
+            message = user_words(exc.message, artifact, self.store.path_of(artifact.sha256))
             log.info("deploy of %s failed (version %s from %s): %s", name, number,
                      artifact.source, message)
             with contextlib.suppress(sqlite3.Error):
@@ -207,7 +212,7 @@ class Deployments:
                      artifact.source, exc.message)
             raise
         log.info("deployed %s version %s (sha256 %s, %s, from %s)%s", name, number,
-                 artifact.sha256[:12], _size(artifact.size), artifact.source,
+                 artifact.sha256[:12], size(artifact.size), artifact.source,
                  f" as a {canary}% canary" if canary else "")
         d = self.state.deployment(name)
         return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
@@ -229,36 +234,44 @@ class Deployments:
             raise MserveError(f"could not record the new version ({exc}); the previous "
                               "state is unchanged") from None
 
-    def _store_tls(self, name: str, req: dict) -> dict | None:
-        """Copy --tls-cert/--tls-key into MSERVE_HOME/tls/NAME/ (0600), so the deployment
-        does not depend on files the user may move; None without TLS."""
-        if not req.get("tls_cert"):
-            return None
-        folder = self.paths.home / "tls" / name
-        ensure_private_dir(folder)
-        stored = {}
-        for key, target in (("tls_cert", "cert.pem"), ("tls_key", "key.pem")):
-            try:
-                data = Path(req[key]).read_bytes()
-            except OSError as exc:
-                raise BadRequest(f"cannot read {key.replace('_', '-')} '{req[key]}': "
-                                 f"{exc.strerror}") from None
-            path = folder / target
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            stored[target.split(".")[0]] = str(path)
-        return stored
+    async def _reconfigure(self, d: dict, options: dict) -> list[str]:
+        """A redeploy of the active version's bytes with other options: apply them to the
+        serving worker now, then record them; the options that changed."""
+        changed = sorted(k for k in OPTION_KEYS if d["options"].get(k) != options.get(k))
+        if not changed:
+            return []
+        name = d["name"]
+        if reload := [k for k in changed if k in RELOAD_KEYS]:
+            raise Conflict(f"--{', --'.join(k.replace('_', '-') for k in reload)} change how a "
+                           f"version is loaded; the bytes of '{name}' are those of its active "
+                           f"version {d['active_version']}, so nothing would load them again",
+                           hint="deploy a new version to use them, or undeploy and deploy")
+        worker = self.supervisor.get(name)
+        serving = worker is not None and worker.status == READY
+        new = {**d, "options": options}
+        if serving:
+            await worker.request("options", 10, options=options)
+            await self.apply(new, self.current_plan(new))  # the sticky header, if it changed
+        try:
+            self.state.record_options(name, options)
+        except sqlite3.Error as exc:
+            if serving:
+                with contextlib.suppress(MserveError):
+                    await worker.request("options", 10, options=d["options"])
+                    await self.apply(d, self.current_plan(d))
+            raise MserveError(f"could not record the new options ({exc}); '{name}' keeps its "
+                              "previous options") from None
+        return changed
 
     async def _first_deploy(self, name, version, options, token_hash, req) -> None:
         host = req.get("host") or "127.0.0.1"
-        tls = self._store_tls(name, req)
+        tls = store_tls(self.paths, name, req)
         if tls:
             options = {**options, "tls": tls}
-        port = req.get("port") or self._free_port(host)
-        grpc_port = req.get("grpc_port") or self._free_port(host, also_taken={port})
+        port = req.get("port") or free_port(host, used_ports(self.state) | self._reserved_ports)
+        grpc_port = req.get("grpc_port") or free_port(host, used_ports(self.state) | self._reserved_ports | {port})
         for p in {port, grpc_port}:
-            if p in self._used_ports() or p in self._reserved_ports:
+            if p in used_ports(self.state) or p in self._reserved_ports:
                 raise Conflict(f"port {p} is already used by another deployment")
         if port == grpc_port:
             raise Conflict(f"--port and --grpc-port must differ (both {port})")
@@ -267,7 +280,8 @@ class Deployments:
         try:
             d = {"name": name, "host": host, "port": port, "options": options,
                  "token_hash": token_hash}
-            config = self._config(d, [(version, True)], bind_retry_s=0)
+            config = worker_config(self.paths, self.store, d, [(version, True)],
+                                   bind_retry_s=0)
             _progress.get()({"step": "load"})
             event = await self._start_or_fail(name, config)
             version["meta"] = event["versions"][str(version["number"])]
@@ -339,7 +353,8 @@ class Deployments:
         if worker is None or worker.status != READY:
             await self.supervisor.stop(name, timeout=5)
             versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep]
-            config = self._config(d, versions, bind_retry_s=5, route=plan.route(d))
+            config = worker_config(self.paths, self.store, d, versions, bind_retry_s=5,
+                                   route=plan.route(d))
             return await self._start_or_fail(name, config)
         loaded = set((await worker.request("ping", 10))["loaded"])
         for n in [plan.active, *plan.keep]:
@@ -358,44 +373,6 @@ class Deployments:
         return await validation.probe(self.python, path, device, batching, load_timeout())
 
     # ---- rollback, undeploy ------------------------------------------------------------
-    async def rollback(self, name: str, to: int | None) -> dict:
-        async with self._locks[name]:
-            d = self.get(name)
-            current = d["active_version"]
-            if d["traffic"] and to is None:  # during a canary: all traffic back to stable
-                await self.apply(d, Plan(current, None, d["labels"], self._standby(d)))
-                self.state.record_traffic(name, None, "rollback",
-                                          f"canary stopped; all traffic to version {current}")
-                log.info("rollback %s: canary stopped, all traffic to version %s", name,
-                         current)
-                return {"changed": True, "name": name, "version": current, "previous": current,
-                        "canary_stopped": True, "deployment": self.describe(self.get(name))}
-            target = self._rollback_target(d, to)
-            if target["number"] == current and not d["traffic"]:
-                return {"changed": False, "name": name, "version": current,
-                        "deployment": self.describe(d)}
-            await self.apply(d, Plan(target["number"], None, d["labels"], current))
-            self.state.record_activate(name, target["number"])
-            log.info("rollback %s: version %s active (was %s)", name, target["number"], current)
-            return {"changed": True, "name": name, "version": target["number"],
-                    "previous": current, "deployment": self.describe(self.get(name))}
-
-    def _rollback_target(self, d: dict, to: int | None) -> dict:
-        name, current = d["name"], d["active_version"]
-        if to is not None:
-            target = self.state.version(name, to)
-            if target is None:
-                raise NotFound(f"version {to} of '{name}' not found")
-            if target["state"] in (st.FAILED, st.PRUNED):
-                raise Conflict(f"version {to} of '{name}' is {target['state']}; it cannot be "
-                               "made active")
-            return target
-        older = [v for v in self.state.versions(name)
-                 if v["number"] < current and v["state"] not in (st.FAILED, st.PRUNED)]
-        if not older:
-            raise Conflict(f"'{name}' has no version before {current} to roll back to")
-        return older[-1]
-
     async def undeploy(self, name: str) -> dict:
         async with self._locks[name]:
             d = self.get(name)
@@ -407,9 +384,9 @@ class Deployments:
 
     # ---- restore and restart -----------------------------------------------------------
     async def restore_all(self) -> None:
-        """Bring every deployment back on its port with its active version."""
-        await asyncio.gather(*(self._restart(d["name"], restored=True)
-                               for d in self.state.deployments()))
+        """Bring every deployment back on its port with its active version: adopt the
+        workers that kept serving while no daemon ran, start the others."""
+        await adoption.restore_all(self)
 
     async def _restart(self, name: str, restored: bool = False) -> None:
         async with self._locks[name]:
@@ -420,7 +397,8 @@ class Deployments:
             rows = {v["number"]: v for v in self.state.versions(name)}
             versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep
                                                        if rows[n]["state"] != st.PRUNED]
-            config = self._config(d, versions, bind_retry_s=5, route=plan.route(d))
+            config = worker_config(self.paths, self.store, d, versions, bind_retry_s=5,
+                                   route=plan.route(d))
             worker = self.supervisor.get(name)
             why = "daemon start" if restored else (worker.error if worker else None)
             try:
@@ -428,90 +406,52 @@ class Deployments:
             except DeployFailed as exc:
                 log.warning("%s of %s failed: %s", "restore" if restored else "restart", name,
                             exc.message)
-                self.state.add_event(name, "restart-failed", d["active_version"], exc.message)
                 self.supervisor.note_failed_start(name, exc.message)
+                self.event(name, "restart-failed", d["active_version"], exc.message)
                 return
             worker = self.supervisor.get(name)
             log.info("%s %s: version %s, pid %s (%s)", "restored" if restored else "restarted",
                      name, d["active_version"], worker.pid if worker else None,
                      why or "restart")
-            self.state.add_event(name, "restore" if restored else "restart", d["active_version"])
+            self.event(name, "restore" if restored else "restart", d["active_version"])
 
     async def _on_exit(self, name: str, reason: str) -> None:
         self.state.add_event(name, "worker-exit", None, reason)
+
+    async def _on_hung(self, name: str, reason: str) -> None:
+        log.warning("worker of %s stopped answering (%s): killing it to restart it", name,
+                    reason)
+        self.state.add_event(name, "worker-hung", None, reason)
+
+    def event(self, name: str, action: str, version: int | None, detail: str = "") -> None:
+        """Record an event that must not stop what it reports (a restart, an adoption):
+        when SQLite cannot take it, the daemon log keeps it."""
+        try:
+            self.state.add_event(name, action, version, detail)
+        except sqlite3.Error as exc:
+            log.error("could not record event %s of %s (version %s, %s): %s", action, name,
+                      version, detail or "no detail", exc)
+
+    async def record_or_revert(self, name: str, record: Callable[[], None]) -> None:
+        """Run ``record`` (the SQLite half of a change the worker already made); if SQLite
+        cannot take it, put the worker back on what the state still says, so the worker
+        and the state agree whatever happens."""
+        try:
+            record()
+        except sqlite3.Error as exc:
+            log.error("could not record a change of %s (%s): switching the worker back", name,
+                      exc)
+            d = self.state.deployment(name)
+            if d is not None:
+                with contextlib.suppress(MserveError):
+                    await self.apply(d, self.current_plan(d))
+            raise MserveError(f"could not record the change ({exc}); '{name}' serves what it "
+                              "served before") from None
 
     # ---- helpers -----------------------------------------------------------------------
     def current_plan(self, d: dict) -> Plan:
         """What the state says the worker should serve."""
         return Plan(d["active_version"], d["traffic"], d["labels"], self._standby(d))
 
-    def _config(self, d: dict, versions: list[tuple[dict | None, bool]],
-                bind_retry_s: float, route: dict | None = None) -> dict:
-        log = self.paths.request_log(d["name"])
-        return {
-            "route": route or {"traffic": None, "labels": {},
-                               "sticky": d["options"].get("sticky_header")},
-            "name": d["name"], "host": d["host"], "port": d["port"],
-            "token_hash": d.get("token_hash"),
-            "options": {**d["options"], "request_log": str(log)},
-            "bind_retry_s": bind_retry_s, "drain_s": drain_timeout(),
-            "versions": [{"number": v["number"], "path": str(self.store.path_of(v["sha256"])),
-                          "active": active} for v, active in versions if v],
-        }
-
-    def _used_ports(self) -> set[int]:
-        """HTTP and gRPC ports of every deployment."""
-        return {p for d in self.state.deployments()
-                for p in (d["port"], d["options"].get("grpc_port")) if p}
-
-    def _free_port(self, host: str, also_taken: set[int] = frozenset()) -> int:
-        taken = self._used_ports() | self._reserved_ports | set(also_taken)
-        for _ in range(50):
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-            if port not in taken:
-                return port
-        raise MserveError("could not find a free port")
 
 
-def _user_words(message: str, artifact, stored: Path) -> str:
-    """A load error as the user should read it: the child names the store's copy
-    (``models/<sha256>/model.onnx``); name the user's file instead."""
-    source = Path(artifact.source)
-    user_file, folder = source, source.parent
-    if source.is_dir():
-        folder = source
-        with contextlib.suppress(MserveError, OSError):
-            from mserve.daemon.store import model_in
-            user_file = model_in(source) or source / stored.name
-    message = message.replace(str(stored), str(user_file))
-    message = message.replace(str(stored.parent), str(folder))
-    return message.replace(f"'{stored.name}'", f"'{user_file.name}'")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def drain_timeout() -> float:
-    return float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30"))
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _version_view(v: dict) -> dict:
-    meta = v.get("meta") or {}
-    return {"version": v["number"], "number": v["number"], "sha256": v["sha256"],
-            "size": v["size"],
-            "created": v["created"], "source": v["source"], "state": v["state"],
-            "device": meta.get("device"), "batchable": meta.get("batchable"),
-            "batching": meta.get("batching"),
-            "error": v.get("error")}

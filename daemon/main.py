@@ -23,7 +23,8 @@ from mserve.daemon import paths as paths_mod
 from mserve.daemon.control import build_app
 from mserve.daemon.deployments import Deployments, drain_timeout
 from mserve.daemon.errors import MserveError
-from mserve.daemon.state import State
+from mserve.daemon.fdlimit import raise_fd_limit
+from mserve.daemon.statecheck import open_state, read_only_guard
 from mserve.daemon.store import Store
 
 log = logging.getLogger("mserve.daemon")
@@ -50,8 +51,11 @@ def take_lock(path: Path):
         pid = os.read(fd, 32).decode().strip() or "?"
         os.close(fd)
         raise AlreadyRunning(f"a daemon is already running for this MSERVE_HOME (pid {pid})")
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    except OSError as exc:  # a full disk: the lock holds all the same
+        log.warning("could not write the pid into %s: %s", path, exc.strerror)
     return fd
 
 
@@ -82,6 +86,7 @@ def run() -> int:
     paths = paths_mod.resolve()
     paths_mod.ensure_private_dir(paths.home)
     paths_mod.ensure_private_dir(paths.logs)
+    raise_fd_limit()  # a daemon of many deployments holds many sockets and logs
     lock = take_lock(paths.lock)
     sock = bind_socket(paths.socket)
     try:
@@ -95,15 +100,18 @@ def run() -> int:
 
 
 async def _serve(paths: paths_mod.Paths, sock: socket.socket) -> None:
-    state = State(paths.db)
+    state = open_state(paths.home, paths.db, paths.models)
     store = Store(paths.models)
     if removed := store.clean_partial():
         log.info("removed partial artifacts: %s", ", ".join(removed))
     deployments = Deployments(paths, state, store)
     server: DaemonServer | None = None
     stop_requested = asyncio.Event()
+    leave_serving = False
 
-    def stop() -> None:
+    def stop(keep_serving: bool = False) -> None:
+        nonlocal leave_serving
+        leave_serving = leave_serving or keep_serving
         stop_requested.set()
         if server is not None:
             server.should_exit = True
@@ -113,7 +121,7 @@ async def _serve(paths: paths_mod.Paths, sock: socket.socket) -> None:
         loop.add_signal_handler(sig, stop)
     log.info("daemon %s starting, home %s", os.getpid(), paths.home)
     await deployments.restore_all()
-    app = build_app(deployments, str(paths.socket), stop)
+    app = read_only_guard(build_app(deployments, str(paths.socket), stop), state)
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
                             timeout_graceful_shutdown=drain_timeout() + 5)
     server = DaemonServer(config)
@@ -122,6 +130,10 @@ async def _serve(paths: paths_mod.Paths, sock: socket.socket) -> None:
     try:
         await server.serve(sockets=[sock])
     finally:
-        log.info("stopping workers")
-        await deployments.supervisor.stop_all(drain_timeout())
+        if leave_serving:  # mserve daemon stop --keep-serving: the next daemon adopts them
+            log.info("leaving %d workers serving", len(deployments.supervisor.workers))
+            await deployments.supervisor.leave_all()
+        else:
+            log.info("stopping workers")
+            await deployments.supervisor.stop_all(drain_timeout())
         state.close()

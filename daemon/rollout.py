@@ -1,4 +1,4 @@
-"""Safe rollouts on one machine: traffic splits, promotion, labels and retention.
+"""Safe rollouts on one machine: rollback, traffic splits, promotion, labels, retention.
 
 Every operation takes the deployment's lock, makes the worker serve the new plan first
 (``Deployments.apply``), and only then records it in SQLite, so the split and labels
@@ -33,6 +33,45 @@ class Rollouts:
             raise Conflict(f"version {number} of '{name}' is {v['state']}; it cannot serve")
         return v
 
+    async def rollback(self, name: str, to: int | None) -> dict:
+        async with self.d._locks[name]:
+            d = self.d.get(name)
+            current = d["active_version"]
+            if d["traffic"] and to is None:  # during a canary: all traffic back to stable
+                await self.d.apply(d, Plan(current, None, d["labels"], self.d._standby(d)))
+                await self.d.record_or_revert(name, lambda: self.d.state.record_traffic(
+                    name, None, "rollback", f"canary stopped; all traffic to version {current}"))
+                log.info("rollback %s: canary stopped, all traffic to version %s", name,
+                         current)
+                return {"changed": True, "name": name, "version": current, "previous": current,
+                        "canary_stopped": True, "deployment": self.d.describe(self.d.get(name))}
+            target = self._rollback_target(d, to)
+            if target["number"] == current and not d["traffic"]:
+                return {"changed": False, "name": name, "version": current,
+                        "deployment": self.d.describe(d)}
+            await self.d.apply(d, Plan(target["number"], None, d["labels"], current))
+            await self.d.record_or_revert(
+                name, lambda: self.d.state.record_activate(name, target["number"]))
+            log.info("rollback %s: version %s active (was %s)", name, target["number"], current)
+            return {"changed": True, "name": name, "version": target["number"],
+                    "previous": current, "deployment": self.d.describe(self.d.get(name))}
+
+    def _rollback_target(self, d: dict, to: int | None) -> dict:
+        name, current = d["name"], d["active_version"]
+        if to is not None:
+            target = self.d.state.version(name, to)
+            if target is None:
+                raise NotFound(f"version {to} of '{name}' not found")
+            if target["state"] in (st.FAILED, st.PRUNED):
+                raise Conflict(f"version {to} of '{name}' is {target['state']}; it cannot be "
+                               "made active")
+            return target
+        older = [v for v in self.d.state.versions(name)
+                 if v["number"] < current and v["state"] not in (st.FAILED, st.PRUNED)]
+        if not older:
+            raise Conflict(f"'{name}' has no version before {current} to roll back to")
+        return older[-1]
+
     async def traffic(self, name: str, split: dict | None, sticky: str | None) -> dict:
         """Show (split None) or set the split of unpinned traffic, e.g. {3: 90, 4: 10}."""
         async with self.d._locks[name]:
@@ -48,8 +87,13 @@ class Rollouts:
                 d = {**d, "options": {**d["options"], "sticky_header": sticky or None}}
             await self.d.apply(d, Plan(d["active_version"], split, d["labels"],
                                        self.d._standby(d)))
-            self.d.state.record_options(name, d["options"])
-            self.d.state.record_traffic(name, split, "traffic")
+            options = d["options"]
+
+            def record() -> None:
+                self.d.state.record_options(name, options)
+                self.d.state.record_traffic(name, split, "traffic")
+
+            await self.d.record_or_revert(name, record)
             log.info("traffic %s: %s%s", name, st.split_text(split),
                      f", sticky by {sticky}" if sticky else "")
             return await self.show(self.d.get(name))
@@ -80,12 +124,13 @@ class Rollouts:
                             "previous": previous, "deployment": self.d.describe(d)}
                 # already active, with a split: all traffic back to it, standby kept
                 await self.d.apply(d, Plan(number, None, d["labels"], self.d._standby(d)))
-                self.d.state.record_traffic(name, None, "promote",
-                                            f"all traffic to version {number}")
+                await self.d.record_or_revert(name, lambda: self.d.state.record_traffic(
+                    name, None, "promote", f"all traffic to version {number}"))
                 log.info("promote %s: all traffic to version %s (already active)", name, number)
             else:
                 await self.d.apply(d, Plan(number, None, d["labels"], previous))
-                self.d.state.record_activate(name, number, action="promote")
+                await self.d.record_or_revert(name, lambda: self.d.state.record_activate(
+                    name, number, action="promote"))
                 log.info("promote %s: version %s active (was %s)", name, number, previous)
             return {"changed": True, "name": name, "version": number, "previous": previous,
                     "deployment": self.d.describe(self.d.get(name))}
@@ -108,7 +153,8 @@ class Rollouts:
                 detail = f"{label} -> {number}"
             await self.d.apply(d, Plan(d["active_version"], d["traffic"], labels,
                                        self.d._standby(d)))
-            self.d.state.record_labels(name, labels, detail)
+            await self.d.record_or_revert(
+                name, lambda: self.d.state.record_labels(name, labels, detail))
             log.info("label %s: %s", name, detail)
             return {"name": name, "labels": labels}
 
@@ -129,7 +175,13 @@ class Rollouts:
         return doomed
 
     def prune(self) -> dict:
-        """Delete store blobs that no version (other than pruned ones) refers to."""
+        """Delete store blobs that no version (other than pruned ones) refers to; nothing
+        when the state looks damaged (it would refer to nothing)."""
+        from mserve.daemon.statecheck import StateDamaged, prune_refusal
+
+        if why := prune_refusal(self.d.state, self.d.store.root):
+            log.warning("%s", why)
+            raise StateDamaged(why)
         referenced = self.d.state.referenced_blobs()
         freed, removed = 0, []
         root = self.d.store.root

@@ -7,14 +7,21 @@ the store (see ``store.py``).
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import sqlite_utils
+
+from mserve.daemon.errors import MserveError
+
+log = logging.getLogger("mserve.daemon")
 
 # Version states: the stable one taking unpinned traffic, one taking a share of it next to
 # the active one, the previous active kept loaded for an instant rollback, ones only on disk,
@@ -64,18 +71,48 @@ MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
 ]
 
 
+class StateWriteError(sqlite3.OperationalError, MserveError):
+    """A change SQLite could not record (the state is read-only, the disk is full, the file
+    is locked). An ``sqlite3.Error`` for the code that undoes a switch on one, and an error
+    whose message the user sees."""
+
+    status = 507
+
+
 class State:
     """All reads and writes of ``state.db``; one instance per daemon, used from its event loop.
 
-    Every write method is one transaction (``Database.atomic``).
+    Every write method is one transaction (``_write``). With ``read_only`` (why it cannot be
+    written, e.g. a full disk) the database is only read: it is opened in SQLite's exclusive
+    locking mode, which needs no ``-shm`` file, no migration runs, every change raises
+    ``StateWriteError`` and events are logged instead of recorded.
     """
 
-    def __init__(self, path: Path):
-        self.db = sqlite_utils.Database(path)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
+    def __init__(self, path: Path, read_only: str | None = None):
+        self.path = Path(path)
+        self.read_only = read_only
+        self.db = sqlite_utils.Database(sqlite3.connect(path))
+        try:
+            if read_only is None:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.execute("PRAGMA busy_timeout=5000")
+                self._migrate()
+                return
+            self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self.db.execute("PRAGMA query_only=ON")
+            if pending := self.pending_migrations():
+                raise StateWriteError(f"{read_only}: cannot bring {self.path} up to date "
+                                      f"({pending[0]}); free some space and start again")
+        except BaseException:
+            self.db.close()  # a second try (read-only) must not meet this connection
+            raise
+
+    def pending_migrations(self) -> list[str]:
+        done = set()
+        if "migrations" in self.db.table_names():
+            done = {row["name"] for row in self.db["migrations"].rows}
+        return [name for name, _ in MIGRATIONS if name not in done]
 
     def _migrate(self) -> None:
         if "migrations" not in self.db.table_names():
@@ -90,6 +127,26 @@ class State:
 
     def close(self) -> None:
         self.db.close()
+
+    def refusal(self) -> str:
+        """What a change is told while the state is read-only."""
+        return (f"{self.read_only}, so {self.path} is open read-only and cannot record "
+                "changes; free some space, then restart the daemon ('mserve daemon stop', "
+                "'mserve daemon start')")
+
+    @contextlib.contextmanager
+    def _write(self):
+        """One transaction; a failure to write it is a ``StateWriteError`` naming the file."""
+        if self.read_only:
+            raise StateWriteError(self.refusal())
+        try:
+            with self.db.atomic():
+                yield
+        except StateWriteError:
+            raise
+        except sqlite3.OperationalError as exc:
+            raise StateWriteError(f"could not record the change in {self.path} ({exc}); "
+                                  "nothing was changed") from None
 
     # ---- reads -------------------------------------------------------------------------
     def _rows(self, sql: str, params: list | tuple = ()) -> list[dict]:
@@ -133,15 +190,23 @@ class State:
             " VALUES (?, ?, ?, ?, ?, ?)", [now(), name, action, version, detail, _actor()])
 
     def add_event(self, name: str, action: str, version: int | None = None,
-                  detail: str = "") -> None:
-        with self.db.atomic():
-            self._event(name, action, version, detail)
+                  detail: str = "") -> bool:
+        """Record a bookkeeping event; one that cannot be written (read-only state, full
+        disk, a lock held too long) is logged instead, never raised: whatever it records has
+        happened already. Whether it was recorded."""
+        try:
+            with self._write():
+                self._event(name, action, version, detail)
+            return True
+        except StateWriteError as exc:
+            log.warning("event %s of %s not recorded: %s", action, name, exc.message)
+            return False
 
     def record_deploy(self, name: str, version: dict, deployment: dict,
                       canary: int | None = None) -> None:
         """Add ``version`` as the active one of ``name`` (creating the deployment if new), or
         with ``canary`` percent as a canary next to the active one."""
-        with self.db.atomic():
+        with self._write():
             if self.deployment(name) is None:
                 self.db.execute(
                     "INSERT INTO deployments (name, port, host, options, token_hash,"
@@ -167,14 +232,14 @@ class State:
 
     def record_failed(self, name: str, version: dict, error: str) -> None:
         """Keep a failed deploy of an existing deployment in its history; nothing else changes."""
-        with self.db.atomic():
+        with self._write():
             if self.deployment(name) is not None:
                 self._insert_version(name, version, FAILED, error)
             self._event(name, "deploy-failed", version["number"] if self.deployment(name)
                         else None, error)
 
     def record_activate(self, name: str, number: int, action: str = "rollback") -> None:
-        with self.db.atomic():
+        with self._write():
             previous = self.deployment(name)["active_version"]
             self._switch(name, number)
             self._event(name, action, number, f"from version {previous}")
@@ -182,23 +247,23 @@ class State:
     def record_traffic(self, name: str, traffic: dict[int, int] | None, action: str,
                        detail: str = "") -> None:
         """Set the split of unpinned traffic (None: all to the active version)."""
-        with self.db.atomic():
+        with self._write():
             self._set_traffic(name, traffic)
             self._event(name, action, None, detail or split_text(traffic))
 
     def record_options(self, name: str, options: dict) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute("UPDATE deployments SET options = ?, updated = ? WHERE name = ?",
                             [json.dumps(options), now(), name])
 
     def record_labels(self, name: str, labels: dict[str, int], detail: str) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute("UPDATE deployments SET labels = ?, updated = ? WHERE name = ?",
                             [json.dumps(labels), now(), name])
             self._event(name, "label", None, detail)
 
     def record_pruned(self, name: str, numbers: list[int]) -> None:
-        with self.db.atomic():
+        with self._write():
             for n in numbers:
                 self.db.execute("UPDATE versions SET state = ? WHERE deployment = ? AND "
                                 "number = ?", [PRUNED, name, n])
@@ -211,7 +276,7 @@ class State:
         return {r[0] for r in rows}
 
     def delete_deployment(self, name: str) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute("DELETE FROM versions WHERE deployment = ?", [name])
             self.db.execute("DELETE FROM deployments WHERE name = ?", [name])
             self._event(name, "undeploy", None)

@@ -1,13 +1,17 @@
-"""Worker processes: spawn, talk to, watch, restart with backoff, stop.
+"""Worker processes: spawn or adopt, talk to, watch, health-check, restart, stop.
 
-One ``WorkerProcess`` per deployment. The supervisor knows nothing about SQLite: the
-deployment layer hands it a worker config and a callback that records what happened.
+One ``WorkerProcess`` per deployment. A worker is either started by this daemon or adopted
+from an earlier one (it outlived that daemon; see workerrecord.py); both are reached over
+the worker's control socket and watched until they exit. The supervisor knows nothing about
+SQLite: the deployment layer hands it a worker config and callbacks that record what
+happened. A restart never waits on those records: a database that cannot be written must not
+keep a crashed deployment down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import json
 import logging
 import os
@@ -17,14 +21,16 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from mserve.daemon import healthcheck, workerrecord
 from mserve.daemon.errors import DeployFailed, Unavailable
+from mserve.daemon.workerlink import LINE_LIMIT, WorkerLink
 
 log = logging.getLogger("mserve.daemon")
 READY, LOADING, FAILED, STOPPED = "ready", "loading", "failed", "stopped"
-LINE_LIMIT = 16 * 2**20
 BACKOFF_MAX_S = 30.0
 FAILED_AFTER = 3  # consecutive crashes before a deployment is shown as failed
 HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets the crash count
+LINK_TIMEOUT_S = 5.0
 
 
 def backoff(crashes: int) -> float:
@@ -33,87 +39,115 @@ def backoff(crashes: int) -> float:
 
 
 class WorkerProcess:
-    """One deployment's worker process and the JSON-lines pipe to it."""
+    """One deployment's worker process (started here or adopted) and its control link."""
 
     def __init__(self, name: str, log_path: Path, python: str = sys.executable):
         self.name, self.log_path, self.python = name, log_path, python
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: asyncio.subprocess.Process | None = None  # None when adopted
+        self.link: WorkerLink | None = None
+        self.record: dict = {}  # pid and start time: who to signal, and to wait for
+        self.endpoint: tuple[str, int, bool] | None = None  # for the HTTP health probe
         self.status, self.error = LOADING, None
         self.restarts = self.crashes = 0
         self.started_at = 0.0
         self.stopping = False
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._ready: asyncio.Future | None = None
+        self.adopted = False
+        self.generation = 0  # bumped by every start or adoption
+        self.hung: str | None = None  # why the health check killed it
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.returncode is None else None
+        if self.proc is not None:
+            return self.proc.pid if self.proc.returncode is None else None
+        return self.record.get("pid") if self.record and workerrecord.alive(self.record) \
+            else None
 
     async def start(self, config: dict, timeout: float) -> dict:
-        """Spawn the worker and wait for its 'ready' event; DeployFailed with its reason."""
-        loop = asyncio.get_running_loop()
-        self._ready = loop.create_future()
-        self.stopping = False
+        """Spawn the worker (its config on stdin, never in argv) and wait for its 'ready'
+        event, then open its control link; DeployFailed with the reason."""
+        self.stopping, self.adopted, self.hung = False, False, None
         with open(self.log_path, "ab") as log_file:
-            self.proc = await asyncio.create_subprocess_exec(
-                self.python, "-m", "mserve.daemon.worker", json.dumps(config),
+            proc = await asyncio.create_subprocess_exec(
+                self.python, "-m", "mserve.daemon.worker", self.name,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=log_file, limit=LINE_LIMIT)
-        asyncio.create_task(self._read(self.proc))
+                stderr=log_file, limit=LINE_LIMIT, start_new_session=True)
+        self.proc, self.generation = proc, self.generation + 1
+        self.record = {"pid": proc.pid, "started": workerrecord.start_time(proc.pid)}
+        proc.stdin.write((json.dumps(config) + "\n").encode())
+        with contextlib.suppress(OSError):
+            await proc.stdin.drain()
+        proc.stdin.close()
         try:
-            event = await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+            event = await asyncio.wait_for(self._first_event(proc), timeout)
         except asyncio.TimeoutError:
             await self.kill()
             raise DeployFailed(f"the worker did not become ready within {timeout:.0f} s") from None
         if event.get("event") != "ready":
-            await self.proc.wait()
+            await proc.wait()
             raise DeployFailed(event.get("error") or "the worker failed to start")
+        await self._link(config["control_socket"], config["secret"])
+        self.endpoint = (config["host"], config["port"], bool(config["options"].get("tls")))
         self.started_at = time.monotonic()
         self.status, self.error = READY, None
         return event
 
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+    async def _first_event(self, proc: asyncio.subprocess.Process) -> dict:
         async for line in proc.stdout:
-            try:
+            with contextlib.suppress(ValueError):
                 msg = json.loads(line)
-            except ValueError:
-                continue
-            if "event" in msg:
-                if self._ready and not self._ready.done():
-                    self._ready.set_result(msg)
-            elif (fut := self._pending.pop(msg.get("id"), None)) and not fut.done():
-                fut.set_result(msg)
+                if isinstance(msg, dict) and "event" in msg:
+                    return msg
         code = await proc.wait()
-        reason = {"event": "failed", "error": f"the worker exited during start-up ({_exit(code)})"
-                  f"{_log_hint(self.log_path)}"}
-        if self._ready and not self._ready.done():
-            self._ready.set_result(reason)
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(Unavailable(f"the worker of '{self.name}' exited ({_exit(code)})"))
-        self._pending.clear()
+        return {"event": "failed", "error": f"the worker exited during start-up ({_exit(code)})"
+                                            f"{_log_hint(self.log_path)}"}
+
+    async def _link(self, path: str, secret: str) -> dict:
+        link = WorkerLink(self.name)
+        try:
+            described = await link.open(path, secret, LINK_TIMEOUT_S)
+        except Unavailable as exc:
+            await self.kill()
+            raise DeployFailed(exc.message) from None
+        self.link = link
+        return described
+
+    async def adopt(self, record: dict) -> dict:
+        """Take over a worker an earlier daemon started; its ``describe`` answer.
+        Unavailable when it is not that process any more or does not answer."""
+        if not workerrecord.alive(record):
+            raise Unavailable(f"the worker of '{self.name}' (pid {record.get('pid')}) is gone")
+        link = WorkerLink(self.name)
+        described = await link.open(record["socket"], record["secret"], LINK_TIMEOUT_S)
+        if described.get("pid") != record["pid"] or described.get("name") != self.name:
+            link.close()
+            raise Unavailable(f"the control socket of '{self.name}' answers for another process")
+        self.proc, self.link, self.record = None, link, record
+        self.stopping, self.adopted, self.hung = False, True, None
+        self.generation += 1
+        self.endpoint = (described["host"], described["port"],
+                         bool((described.get("options") or {}).get("tls")))
+        self.started_at = time.monotonic()
+        self.status, self.error = READY, None
+        return described
 
     async def request(self, op: str, timeout: float, **fields) -> dict:
         """Send one command and wait for its reply; a refused command raises DeployFailed."""
-        if self.pid is None:
+        if self.pid is None or self.link is None:
             raise Unavailable(f"the worker of '{self.name}' is not running")
-        ident = next(self._ids)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[ident] = fut
-        self.proc.stdin.write((json.dumps({"id": ident, "op": op, **fields}) + "\n").encode())
-        try:
-            await self.proc.stdin.drain()
-            reply = await asyncio.wait_for(fut, timeout)
-        except (BrokenPipeError, ConnectionResetError):
-            raise Unavailable(f"the worker of '{self.name}' is not running") from None
-        except asyncio.TimeoutError:
-            raise DeployFailed(f"the worker did not answer '{op}' within {timeout:.0f} s") from None
-        finally:
-            self._pending.pop(ident, None)
-        if not reply.get("ok"):
-            raise DeployFailed(reply.get("error") or f"'{op}' failed")
-        return reply
+        return await self.link.request(op, timeout, **fields)
+
+    def exited(self) -> Awaitable[int | None]:
+        """Resolves when the current process exits: its exit code (None if adopted)."""
+        if self.proc is not None:
+            return self.proc.wait()
+        return wait_gone(dict(self.record))
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                self.proc.send_signal(sig)
+        elif self.record:
+            workerrecord.signal_worker(self.record, sig)
 
     async def stop(self, timeout: float) -> None:
         """SIGTERM (the worker drains in-flight requests), then SIGKILL after ``timeout``."""
@@ -121,16 +155,26 @@ class WorkerProcess:
         self.status = STOPPED
         if self.pid is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        waiter = self.exited()
+        self.signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
+            await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             await self.kill()
+        self._close_link()
 
     async def kill(self) -> None:
-        if self.proc and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
+        if self.pid is not None:
+            waiter = self.exited()
+            self.signal(signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiter, 10)
+        self._close_link()
+
+    def _close_link(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
 
 OnExit = Callable[[str, str], Awaitable[None]]  # (deployment, reason)
@@ -138,11 +182,12 @@ OnRestart = Callable[[str], Awaitable[None]]  # (deployment): start it again
 
 
 class Supervisor:
-    """Keeps one worker per deployment alive; restarts crashed ones with backoff."""
+    """Keeps one worker per deployment alive: restarts crashed and hung ones with backoff."""
 
     def __init__(self, log_path: Callable[[str], Path], on_exit: OnExit, restart: OnRestart,
-                 python: str = sys.executable):
+                 python: str = sys.executable, on_hung: OnExit | None = None):
         self.log_path, self.on_exit, self.restart = log_path, on_exit, restart
+        self.on_hung = on_hung
         self.python = python
         self.workers: dict[str, WorkerProcess] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -160,27 +205,66 @@ class Supervisor:
         worker = self.worker(name)
         worker.status = LOADING
         event = await worker.start(config, timeout)
-        self._spawn(self._watch(worker, worker.proc))
+        self.watch(worker)
         return event
 
+    async def adopt(self, name: str, record: dict) -> dict:
+        """Attach to a running worker (not watched until ``watch``); its account of itself."""
+        return await self.worker(name).adopt(record)
+
+    def watch(self, worker: WorkerProcess) -> None:
+        self._spawn(self._watch(worker, worker.generation, worker.exited()))
+        self._spawn(self._check_health(worker, worker.generation))
+
     def _spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _watch(self, worker: WorkerProcess, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
-        if worker.stopping or worker.proc is not proc:
+    async def _watch(self, worker: WorkerProcess, generation: int, exited) -> None:
+        code = await exited
+        if worker.stopping or worker.generation != generation:
             return
+        worker._close_link()
         lived = time.monotonic() - worker.started_at
-        worker.crashes = 1 if lived > HEALTHY_AFTER_S else worker.crashes + 1
+        worker.crashes = 1 if lived > HEALTHY_AFTER_S and not worker.hung else worker.crashes + 1
+        how = _exit(code) if code is not None else "an adopted worker; exit status unknown"
         hint = _log_hint(worker.log_path) if code and code > 0 else ""
-        worker.error = f"worker exited ({_exit(code)}){hint}"
+        worker.error = (f"worker stopped answering ({worker.hung}) and was killed"
+                        if worker.hung else f"worker exited ({how}){hint}")
         worker.status = FAILED if worker.crashes >= FAILED_AFTER else LOADING
+        pid = worker.record.get("pid")
         log.warning("worker of %s (pid %s) exited: %s; restart in %.2f s", worker.name,
-                    proc.pid, worker.error, backoff(worker.crashes))
-        await self.on_exit(worker.name, worker.error)
-        self.schedule_restart(worker)
+                    pid, worker.error, backoff(worker.crashes))
+        self.schedule_restart(worker)  # first: it must not depend on the record below
+        await _noted(self.on_exit(worker.name, worker.error), "the exit of", worker.name)
+
+    async def _check_health(self, worker: WorkerProcess, generation: int) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(healthcheck.interval_s())
+            if worker.stopping or worker.generation != generation or worker.pid is None:
+                return
+            if worker.status != READY:
+                continue
+            problem = await healthcheck.problem(worker, healthcheck.timeout_s())
+            if worker.stopping or worker.generation != generation:
+                return
+            if problem is None:
+                if failures:
+                    worker.error, failures = None, 0
+                continue
+            failures += 1
+            worker.error = f"not answering health checks: {problem}"
+            log.warning("worker of %s (pid %s) failed a health check (%d of %d): %s",
+                        worker.name, worker.pid, failures, healthcheck.failures_allowed(),
+                        problem)
+            if failures >= healthcheck.failures_allowed():
+                worker.hung = problem
+                if self.on_hung is not None:
+                    await _noted(self.on_hung(worker.name, problem), "the hang of", worker.name)
+                worker.signal(signal.SIGKILL)  # the exit watcher restarts it
+                return
 
     def schedule_restart(self, worker: WorkerProcess) -> None:
         async def later():
@@ -213,6 +297,52 @@ class Supervisor:
         for task in list(self._tasks):
             task.cancel()
 
+    async def leave_all(self) -> None:
+        """Leave every worker serving (``daemon stop --keep-serving``): tell each this daemon
+        leaves on purpose, so none starts a replacement daemon; the next one adopts them."""
+        workers = list(self.workers.values())
+        for w in workers:
+            w.stopping = True
+        await asyncio.gather(*(w.request("bye", 2) for w in workers if w.link),
+                             return_exceptions=True)
+        for w in workers:
+            w._close_link()
+        for task in list(self._tasks):
+            task.cancel()
+
+
+async def _noted(record: Awaitable[None], what: str, name: str) -> None:
+    """Run a bookkeeping callback; its failure (SQLite locked, disk full) is logged, never
+    raised: the daemon's log keeps what the database could not."""
+    try:
+        await record
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must not stop supervision
+        log.error("could not record %s %s: %s", what, name, exc)
+
+
+async def wait_gone(record: dict) -> None:
+    """Wait until the process the record names has exited (it is not our child)."""
+    pid = record.get("pid")
+    if not pid:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        fd = None
+    if fd is not None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+        try:
+            if workerrecord.alive(record):  # not recycled between the record and the open
+                await done
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+        return
+    while workerrecord.alive(record):
+        await asyncio.sleep(0.2)
+
 
 def _exit(code: int | None) -> str:
     if code is not None and code < 0:
@@ -232,4 +362,3 @@ def _log_hint(path: Path) -> str:
     except OSError:
         return ""
     return f": {lines[-1].strip()[:300]}" if lines else ""
-

@@ -70,19 +70,46 @@ class Mserve:
     def deployment(self, name: str) -> dict:
         return next(d for d in self.json("list") if d["name"] == name)
 
+    def worker_pids(self) -> list[int]:
+        """Pids of the workers that recorded themselves (they outlive a killed daemon)."""
+        pids = []
+        for path in (self.home / "workers").glob("*.json"):
+            try:
+                pid = json.loads(path.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if _alive(pid):
+                pids.append(pid)
+        return pids
+
     def cleanup(self) -> None:
-        pid = self.daemon_pid()
-        self.run("daemon", "stop", timeout=60)
-        if pid is not None:
-            with_pgid_killed(pid)
+        """Stop the daemon and every worker. Workers outlive a killed daemon and may start
+        a new one, so repeat until neither is left."""
+        for _ in range(3):
+            pid = self.daemon_pid()
+            if pid is not None:
+                self.run("daemon", "stop", timeout=60)
+                with_pgid_killed(pid)
+            workers = self.worker_pids()
+            for worker in workers:
+                with_pgid_killed(worker)
+            if pid is None and not workers:
+                return
+            wait_for(lambda: not any(_alive(p) for p in workers), timeout=10,
+                     what="workers to exit")
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def with_pgid_killed(pgid: int) -> None:

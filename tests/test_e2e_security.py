@@ -72,7 +72,7 @@ def test_public_host_without_token_warns(shared, affine_v1):
     assert "Warning: binding 0.0.0.0 without --token" in result.stderr
     assert shared.deployment("open")["url"].startswith("http://127.0.0.1:")
     quiet = shared.ok("deploy", affine_v1, "--name", "closed", "--host", "0.0.0.0",
-                      "--token", "t")
+                      env={"MSERVE_TOKEN": "t"})
     assert "Warning" not in quiet.stderr
     shared.ok("undeploy", "open")
     shared.ok("undeploy", "closed")

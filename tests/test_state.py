@@ -352,3 +352,48 @@ def test_now_format():
     t = state_mod.now()
     assert len(t) == len("2026-11-29T16:50:00.123Z")
     assert t[10] == "T" and t[19] == "." and t.endswith("Z")
+
+
+# ---- writes that cannot be recorded ------------------------------------------------------
+
+@pytest.fixture
+def locked(st, db_path):
+    """Another connection holds the write lock; this one gives up at once."""
+    st.db.execute("PRAGMA busy_timeout=0")
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    yield st
+    other.execute("ROLLBACK")
+    other.close()
+
+
+def test_a_write_that_cannot_be_recorded_is_a_clear_sqlite_error(locked, db_path):
+    with pytest.raises(state_mod.StateWriteError) as info:
+        locked.record_deploy("recs", version(1), deployment())
+    err = info.value
+    assert isinstance(err, sqlite3.OperationalError)  # callers that undo on one still do
+    assert err.status == 507
+    assert err.message == f"could not record the change in {db_path} (database is locked); " \
+                          "nothing was changed"
+
+
+def test_an_event_that_cannot_be_recorded_is_logged_not_raised(locked, caplog):
+    assert locked.add_event("recs", "worker-exit", None, "SIGKILL") is False
+    assert "event worker-exit of recs not recorded" in caplog.text
+    assert locked.events("recs") == []
+
+
+def test_a_read_only_state_reads_and_refuses_every_change(db_path):
+    s = State(db_path)
+    s.record_deploy("recs", version(1), deployment())
+    s.close()
+    ro = State(db_path, read_only="the disk is full (No space left on device: /h)")
+    try:
+        assert ro.deployment("recs")["active_version"] == 1
+        with pytest.raises(state_mod.StateWriteError, match=r"^the disk is full .*cannot "
+                                                            r"record changes"):
+            ro.record_activate("recs", 1)
+        assert ro.add_event("recs", "restore", 1) is False
+        assert [e["action"] for e in ro.events("recs")] == ["deploy"]
+    finally:
+        ro.close()

@@ -22,31 +22,67 @@ def _client() -> tuple[paths_mod.Paths, DaemonClient]:
 
 
 @app.command()
-def start(json_out: JsonOption = False) -> None:
+def start(
+    restore_backup: Annotated[bool, typer.Option(
+        "--restore-backup", help="First put back the newest good automatic backup of state.db "
+                                 "(the files it replaces are kept aside).")] = False,
+    json_out: JsonOption = False,
+) -> None:
     """Start the daemon in the background; returns once it answers (no-op if running).
 
     Example: mserve daemon start
     """
     paths, c = _client()
+    restored = None
     try:
         pid, started = c.status()["pid"], False
     except DaemonUnavailable:
+        if restore_backup:
+            restored = _restore(paths, quiet=json_out)
         pid, started = autostart.start(paths), True
+    else:
+        if restore_backup:
+            raise MserveError(f"the daemon is running (pid {pid}); stop it first with "
+                              "'mserve daemon stop'")
     if json_out:
-        emit_json({"running": True, "pid": pid, "started": started, "socket": str(paths.socket)})
+        emit_json({"running": True, "pid": pid, "started": started, "socket": str(paths.socket),
+                   **({"restored": restored} if restored else {})})
     else:
         say(f"Daemon {'started' if started else 'already running'} (pid {pid})")
 
 
-@app.command()
-def stop(json_out: JsonOption = False) -> None:
-    """Drain in-flight requests, stop every worker, and exit.
+def _restore(paths: paths_mod.Paths, quiet: bool) -> dict:
+    from mserve.daemon import backup
 
-    Example: mserve daemon stop
+    restored = backup.restore(paths.home, paths.db)
+    if not quiet:
+        kept = f"; the files it replaced are in {restored['replaced']}" \
+            if restored["replaced"] else ""
+        held = restored["deployments"]
+        say(f"Restored {paths.db} from the backup taken at {restored['taken']} "
+            f"({held} deployment{'' if held == 1 else 's'}){kept}")
+        if n := len(restored["unreferenced"]):
+            say(f"{n} model{'s' if n != 1 else ''} in the store {'is' if n == 1 else 'are'} "
+                "not in this backup (deployed after it): kept, but 'mserve prune' would "
+                "delete them; deploy again what you need")
+    return restored
+
+
+@app.command()
+def stop(
+    keep_serving: Annotated[bool, typer.Option(
+        "--keep-serving", help="Leave the workers serving; the next daemon adopts them.")]
+    = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Drain in-flight requests, stop every worker, and exit (with --keep-serving: exit and
+    leave every deployment serving, e.g. to upgrade mserve or hand over to a service).
+
+    Example: mserve daemon stop --keep-serving
     """
     paths, c = _client()
     try:
-        pid = c.shutdown()["pid"]
+        pid = c.shutdown(keep_serving)["pid"]
     except DaemonUnavailable:
         if json_out:
             emit_json({"running": False, "stopped": False})
@@ -115,3 +151,37 @@ def logs(
     Example: mserve daemon logs -n 100
     """
     tail_text(paths_mod.resolve().daemon_log, lines, follow)
+
+
+@app.command()
+def install(
+    print_only: Annotated[bool, typer.Option("--print", help="Print the unit; write nothing.")]
+    = False,
+    json_out: JsonOption = False,
+) -> None:
+    """Write a service-manager unit (systemd user unit; launchd agent on macOS) that runs the
+    daemon and restarts it when it fails. Workers keep serving while it restarts.
+
+    Example: mserve daemon install && systemctl --user enable --now mserve
+    """
+    from mserve.cli import service
+
+    paths, kind = paths_mod.resolve(), service.manager()
+    path, text = service.unit_path(kind), service.render(kind, paths)
+    if print_only:
+        typer.echo(text, nl=False)
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise MserveError(f"cannot write '{path}': {exc.strerror or exc}") from None
+    steps = service.next_steps(kind, path)
+    if json_out:
+        emit_json({"manager": kind, "path": str(path), "home": str(paths.home), "next": steps})
+        return
+    say(f"Wrote {path} ({kind}). To start it now and at login:")
+    for step in steps:
+        say(f"  {step}")
+    say("A daemon started by hand still runs? Stop it first with "
+        "'mserve daemon stop --keep-serving': the service's daemon adopts its workers.")

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from mserve.cli import autostart
+from mserve.cli import autostart, tokens
 from mserve.cli.render import BadUsage, JsonOption, emit_json, say
+from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import MserveError
 from mserve.daemon.paths import check_name
 
@@ -77,10 +78,8 @@ def deploy(
         min=0.001, help="Largest request body in MiB; past it answers 413 (default 64).")] = None,
     instances: Annotated[Optional[int], typer.Option(
         min=1, max=64, help="ONNX Runtime sessions per version.")] = None,
-    token: Annotated[Optional[str], typer.Option(
-        help="Require 'Authorization: Bearer TOKEN' on every route but health.")] = None,
-    token_file: Annotated[Optional[Path], typer.Option(
-        help="Read the token from this file.")] = None,
+    token: RequireTokenOption = None,
+    token_file: TokenFileOption = None,
     tls_cert: Annotated[Optional[Path], typer.Option(
         help="Serve HTTPS with this PEM certificate (first deploy only).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(
@@ -98,11 +97,7 @@ def deploy(
     """
     if name is not None and (problem := check_name(name)):
         raise BadUsage(problem)
-    if token_file is not None:
-        try:
-            token = token_file.read_text().strip()
-        except OSError as exc:
-            raise MserveError(f"cannot read token file '{token_file}': {exc.strerror}") from None
+    token = tokens.resolve(token, token_file)
     if (tls_cert is None) != (tls_key is None):
         raise MserveError("--tls-cert and --tls-key go together")
     if host and host not in LOOPBACK and not token:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -9,9 +8,10 @@ from urllib.parse import quote
 
 import typer
 
-from mserve.cli import autostart
+from mserve.cli import autostart, tokens
 from mserve.cli.client import check, request_url
 from mserve.cli.render import JsonOption, response
+from mserve.cli.tokens import ClientTokenOption, TokenFileOption
 from mserve.daemon.errors import BadRequest, MserveError, error_for_status
 
 
@@ -21,8 +21,8 @@ def predict(
         help="JSON file, or '-' / nothing for stdin.", show_default=False)] = None,
     version: Annotated[Optional[int], typer.Option(
         "--version", "-v", min=1, help="Ask this version instead of the active one.")] = None,
-    token: Annotated[Optional[str], typer.Option(
-        help="Bearer token of a deployment deployed with --token (or MSERVE_TOKEN).")] = None,
+    token: ClientTokenOption = None,
+    token_file: TokenFileOption = None,
     grpc: Annotated[bool, typer.Option(
         "--grpc", help="Send it to the deployment's gRPC port (Open Inference Protocol "
                        "gRPC) instead of HTTP.")] = False,
@@ -36,9 +36,9 @@ def predict(
 
     Example: mserve predict iris examples/iris/input.json
     """
+    token = tokens.resolve(token, token_file, stdin_free=input not in (None, "-"))
     document = _read_input(input)
     d = autostart.client().deployment(name)
-    token = token or os.environ.get("MSERVE_TOKEN")
     if grpc:
         _print(predict_grpc(d, version, document, token), json_out)
         return

@@ -16,9 +16,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from mserve.cli import tokens
 from mserve.cli.commands.deploy import BATCHING_HELP, LOOPBACK, Batching, Device
 from mserve.cli.render import BadUsage
-from mserve.daemon.errors import BadRequest, MserveError
+from mserve.cli.tokens import RequireTokenOption, TokenFileOption
+from mserve.daemon.errors import BadRequest
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import hash_token
 from mserve.daemon.store import MODEL_FILE, model_in
@@ -52,11 +54,8 @@ def serve(
         min=0.001, help="Largest request body in MiB; past it answers 413.")] = 64,
     instances: Annotated[int, typer.Option(
         min=1, max=64, help="ONNX Runtime sessions.")] = 1,
-    token: Annotated[Optional[str], typer.Option(
-        envvar="MSERVE_TOKEN", show_envvar=True,
-        help="Require 'Authorization: Bearer TOKEN' on every route but health.")] = None,
-    token_file: Annotated[Optional[Path], typer.Option(
-        help="Read the token from this file.")] = None,
+    token: RequireTokenOption = None,
+    token_file: TokenFileOption = None,
     tls_cert: Annotated[Optional[Path], typer.Option(
         help="Serve HTTPS with this PEM certificate.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(
@@ -72,13 +71,13 @@ def serve(
     """
     if name is not None and (problem := check_name(name.lower())):
         raise BadUsage(problem)  # bad usage: exit 2
+    token = tokens.resolve(token, token_file)
     model, number, hint = locate(path.expanduser())
     name = (name or hint or default_name(path.expanduser())).lower()
     if problem := check_name(name):
         raise BadRequest(f"{problem} (pass --name)")
     if port == grpc_port:
         raise BadRequest(f"--port and --grpc-port must differ (both {port})")
-    token = _read_token(token, token_file)
     if (tls_cert is None) != (tls_key is None):
         raise BadRequest("--tls-cert and --tls-key go together")
     if host not in LOOPBACK and not token:
@@ -143,12 +142,3 @@ def _subfolders(folder: Path) -> list[Path]:
 def default_name(path: Path) -> str:
     """As ``deploy`` names things: a file's stem, a folder's name."""
     return path.stem if path.is_file() else path.absolute().name
-
-
-def _read_token(token: str | None, token_file: Path | None) -> str | None:
-    if token_file is not None:
-        try:
-            return token_file.read_text().strip() or None
-        except OSError as exc:
-            raise MserveError(f"cannot read token file '{token_file}': {exc.strerror}") from None
-    return token or None

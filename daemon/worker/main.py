@@ -1,9 +1,11 @@
-"""The worker process: bind the deployment's port, load its versions, serve, obey the daemon.
+"""The worker process: bind the deployment's port, load its versions, serve, obey a daemon.
 
-Started by the supervisor as ``python -m mserve.daemon.worker CONFIG_JSON``. It talks to the
-daemon through JSON lines: commands on stdin, replies and events on the original stdout
-(fd 1 is then pointed at stderr, so a stray print cannot corrupt the channel). End of stdin
-means the daemon is gone: the worker drains and exits, so no orphan keeps the port.
+Started by the supervisor as ``python -m mserve.daemon.worker NAME`` with its config as one
+JSON line on stdin (never in argv, where every local user could read the token's hash). It
+reports ``ready`` or ``failed`` once, as a JSON line on the original stdout (fd 1 is then
+pointed at stderr, so a stray print cannot corrupt it), and from then on takes commands on
+its private control socket (control.py). The worker does not depend on the daemon that
+started it: when that daemon dies, it keeps serving and a new daemon adopts it.
 
 With ``"standalone": true`` in the config (``mserve serve``, the container entrypoint) there
 is no daemon: no control channel, events are lines on stderr, and SIGTERM/SIGINT drain and
@@ -25,17 +27,22 @@ import sys
 import threading
 import time
 
+from mserve.daemon import faults
 from mserve.daemon.errors import MserveError
+from mserve.daemon.fdlimit import raise_fd_limit
 from mserve.daemon.worker import runtime
 from mserve.daemon.worker.app import Serving, WorkerApp, configure_logging
+from mserve.daemon.worker.control import Control, ControlServer, load_options
 from mserve.daemon.worker.http import HttpServer
+from mserve.daemon.worker.lifecycle import LogRotation, Record, StartDeadline
 
 log = logging.getLogger("mserve.worker")
 EXIT_BIND, EXIT_LOAD = 3, 4
 
 
 class Channel:
-    """The JSON-lines pipe to the daemon (a private copy of the original stdout)."""
+    """The start-up report to the daemon that started us (a private copy of the original
+    stdout), closed after the one event it carries."""
 
     def __init__(self):
         self._out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -46,8 +53,9 @@ class Channel:
         with self._lock:
             try:
                 self._out.write(json.dumps(message) + "\n")
-            except (BrokenPipeError, ValueError):
-                pass  # the daemon is gone; stdin EOF will stop us
+                self._out.close()
+            except (BrokenPipeError, ValueError, OSError):
+                pass  # that daemon is gone; the next one adopts us
 
 
 class Console:
@@ -89,12 +97,6 @@ def bind(host: str, port: int, retry_seconds: float, listen: bool = True) -> soc
             time.sleep(0.1)
 
 
-def load_options(opts: dict) -> dict:
-    """The deployment options that runtime.load takes."""
-    return {"device": opts.get("device") or "auto", "instances": opts.get("instances") or 1,
-            "threads": opts.get("threads") or 0, "batching": opts.get("batching") or "auto"}
-
-
 def load_versions(config: dict) -> tuple[list, int]:
     """Load the active version (required) and the standby one (best effort): (models, active)."""
     opts, models, active = config["options"], [], None
@@ -112,78 +114,6 @@ def load_versions(config: dict) -> tuple[list, int]:
     return models, active
 
 
-class Control:
-    """Executes the daemon's commands: load, activate, ping."""
-
-    def __init__(self, serving: Serving, channel: Channel, config: dict):
-        self.serving, self.channel, self.config = serving, channel, config
-        self.stopping = asyncio.Event()
-        self.grpc, self._grpc_stop = None, None  # the gRPC server, once started
-
-    def listen(self, loop: asyncio.AbstractEventLoop) -> None:
-        def reader():
-            # os.read, not sys.stdin: a thread blocked inside a buffered reader makes the
-            # interpreter abort at exit ("_enter_buffered_busy").
-            pending = b""
-            while chunk := os.read(0, 1 << 16):
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    with contextlib.suppress(ValueError):
-                        asyncio.run_coroutine_threadsafe(self.handle(json.loads(line)), loop)
-            loop.call_soon_threadsafe(self.stop, "the daemon went away")
-
-        threading.Thread(target=reader, name="control", daemon=True).start()
-
-    def stop(self, why: str) -> None:
-        log.info("stopping: %s", why)
-        self.stopping.set()
-        self.stop_grpc()
-
-    def stop_grpc(self) -> asyncio.Future | None:
-        """Stop taking gRPC calls; those in flight get the drain time. Idempotent."""
-        if self.grpc is not None and self._grpc_stop is None:
-            grace = self.config.get("drain_s", 30)
-            self._grpc_stop = asyncio.ensure_future(self.grpc.stop(grace))
-        return self._grpc_stop
-
-    async def handle(self, msg: dict) -> None:
-        reply = {"id": msg.get("id")}
-        try:
-            reply.update(await self._do(msg))
-            reply["ok"] = True
-        except MserveError as exc:
-            reply.update(ok=False, error=exc.message)
-        except Exception as exc:  # never let a command kill the worker
-            log.exception("control command %s failed", msg.get("op"))
-            reply.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-        self.channel.send(reply)
-
-    async def _do(self, msg: dict) -> dict:
-        op = msg.get("op")
-        if op == "load":
-            opts = {**self.config["options"], **msg.get("options", {})}
-            self.serving.options = opts
-            self.serving.log.payloads = bool(opts.get("log_payloads"))
-            model = await asyncio.to_thread(runtime.load, msg["number"], msg["path"],
-                                            **load_options(opts))
-            self.serving.add(model)
-            return {"meta": model.meta()}
-        if op == "activate":
-            if "token_hash" in msg:
-                self.serving.token_hash = msg["token_hash"]
-            self.serving.activate(msg["number"], msg.get("keep", []))
-            route = msg.get("route") or {}
-            self.serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
-            return {"active": msg["number"], "loaded": sorted(self.serving.models)}
-        if op == "ping":
-            return {"active": self.serving.active, "loaded": sorted(self.serving.models)}
-        if op == "stats":
-            return {"active": self.serving.active, "loaded": sorted(self.serving.models),
-                    "rss_bytes": _rss_bytes(), **self.serving.recent.summary(),
-                    "versions": {str(n): s.summary() for n, s in self.serving.stats.items()}}
-        raise MserveError(f"unknown command {op!r}")
-
-
 def tls_context(config: dict) -> ssl.SSLContext | None:
     """The server TLS context, built now so a bad certificate is a clean start-up error."""
     tls = config["options"].get("tls")
@@ -195,14 +125,15 @@ def tls_context(config: dict) -> ssl.SSLContext | None:
 
 
 async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
-                channel: Channel, config: dict, tls: ssl.SSLContext | None) -> int | None:
+                channel: Channel | Console, config: dict, tls: ssl.SSLContext | None,
+                record: Record | None = None) -> int | None:
     models, active = loaded
     for model in models:
         serving.add(model)
     serving.active = active
     route = config.get("route") or {}
     serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
-    control = Control(serving, channel, config)
+    control = Control(serving, config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, control.stop, f"signal {sig}")
@@ -217,45 +148,69 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
                                                       f"{exc}"})
             return EXIT_BIND
     app = WorkerApp(serving)
-    app.http = http = HttpServer(app, max_body=serving.max_body, ssl=tls, after=app.after)
+    app.http = control.http = http = HttpServer(app, max_body=serving.max_body, ssl=tls,
+                                                after=app.after)
     await http.start(sock)
-    if not config.get("standalone"):
-        control.listen(loop)
-    flusher = asyncio.create_task(_flush_every_second(serving))
+    server = None if config.get("standalone") else ControlServer(control, config)
+    if server is not None:
+        await server.start()
+        record.write(ready=True)  # a later daemon can reach us from now on
+    rotation = LogRotation(config.get("log_path"))
+    housekeeping = asyncio.create_task(_every_second(serving, rotation))
     channel.send({"event": "ready", "pid": os.getpid(),
                   "versions": {n: m.meta() for n, m in serving.models.items()}})
     try:
         await control.stopping.wait()
+        if server is not None:
+            server.close()  # no daemon can change or adopt a worker that is leaving
         draining = [http.drain(config.get("drain_s", 30))]
         if (grpc_stopping := control.stop_grpc()) is not None:
             draining.append(grpc_stopping)
         await asyncio.gather(*draining)
     finally:
-        flusher.cancel()
+        housekeeping.cancel()
         serving.log.flush()
 
 
-async def _flush_every_second(serving: Serving) -> None:
+async def _every_second(serving: Serving, rotation: LogRotation) -> None:
     while True:
         await asyncio.sleep(1)
         serving.log.flush()
+        rotation.check()
 
 
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def read_config(argv: list[str]) -> dict:
+    """The config: argv[1] when it is JSON (``mserve serve`` in-process), else one line on
+    stdin (the daemon's way: argv is visible to every local user)."""
+    if len(argv) > 1 and argv[1].startswith("{"):
+        return json.loads(argv[1])
+    line = sys.stdin.buffer.readline()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return json.loads(line)
 
 
 def main(argv: list[str]) -> int:
-    config = json.loads(argv[1])
-    channel = Console(config) if config.get("standalone") else Channel()
+    config = read_config(argv)
+    standalone = bool(config.get("standalone"))
+    channel = Console(config) if standalone else Channel()
     configure_logging()
+    raise_fd_limit()
+    record = None if standalone else Record(config)
+    if record is not None:
+        record.write(ready=False)
+    deadline = StartDeadline(config.get("start_timeout_s"), EXIT_LOAD)
+    try:
+        code = _start_and_serve(config, channel, deadline, record)
+    finally:
+        if record is not None:
+            record.remove()
+    return code
+
+
+def _start_and_serve(config: dict, channel, deadline: StartDeadline, record: Record | None
+                     ) -> int:
     try:
         sock = bind(config["host"], config["port"], config.get("bind_retry_s", 5.0))
     except OSError as exc:
@@ -276,17 +231,19 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         channel.send({"event": "failed", "error": f"cannot use the TLS certificate or key: {exc}"})
         return EXIT_LOAD
+    faults.pause("worker-load")
     try:
         loaded = load_versions(config)
     except MserveError as exc:
         channel.send({"event": "failed", "error": exc.message})
         return EXIT_LOAD
+    deadline.done()
     runner = asyncio.run
     with contextlib.suppress(ImportError):
         import uvloop
 
         runner = uvloop.run
-    return runner(serve(serving, loaded, sock, channel, config, tls)) or 0
+    return runner(serve(serving, loaded, sock, channel, config, tls, record)) or 0
 
 
 def _bind_error(exc: OSError, config: dict, port: int | None = None,

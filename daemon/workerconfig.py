@@ -1,0 +1,94 @@
+"""What a worker is started with: its config (versions, route, options, control socket and
+secret, where to report), its ports, its TLS files, and the daemon's time limits."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+
+from mserve.daemon import workerrecord
+from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.paths import Paths, ensure_private_dir
+from mserve.daemon.state import State
+from mserve.daemon.store import Store
+
+
+def load_timeout() -> float:
+    return float(os.environ.get("MSERVE_LOAD_TIMEOUT", "120"))
+
+
+def drain_timeout() -> float:
+    return float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30"))
+
+
+def respawn_daemon() -> bool:
+    """Whether a worker that lost its daemon starts a new one: not under a service manager
+    (which restarts the daemon itself) and not where autostart is off."""
+    return not os.environ.get("MSERVE_SUPERVISED") \
+        and os.environ.get("MSERVE_NO_AUTOSTART") != "1"
+
+
+def worker_config(paths: Paths, store: Store, d: dict, versions: list[tuple[dict | None, bool]],
+                  bind_retry_s: float, route: dict | None = None) -> dict:
+    """The config of a worker for deployment ``d`` serving ``versions`` ((row, active)
+    pairs). It travels on the worker's stdin: it holds the token's hash and the secret."""
+    name = d["name"]
+    control = workerrecord.socket_path(paths, name)
+    ensure_private_dir(control.parent)  # ours and 0700, even when it exists already
+    return {
+        "route": route or {"traffic": None, "labels": {},
+                           "sticky": d["options"].get("sticky_header")},
+        "name": name, "host": d["host"], "port": d["port"],
+        "token_hash": d.get("token_hash"),
+        "options": {**d["options"], "request_log": str(paths.request_log(name))},
+        "bind_retry_s": bind_retry_s, "drain_s": drain_timeout(),
+        "control_socket": str(control), "secret": secrets.token_hex(16),
+        "record": str(workerrecord.record_path(paths, name)),
+        "log_path": str(paths.worker_log(name)), "daemon_socket": str(paths.socket),
+        "daemon_log": str(paths.daemon_log), "respawn_daemon": respawn_daemon(),
+        "start_timeout_s": load_timeout() * 1.25 + 2,
+        "versions": [{"number": v["number"], "path": str(store.path_of(v["sha256"])),
+                      "active": active} for v, active in versions if v],
+    }
+
+
+def used_ports(state: State) -> set[int]:
+    """HTTP and gRPC ports of every deployment."""
+    return {p for d in state.deployments()
+            for p in (d["port"], d["options"].get("grpc_port")) if p}
+
+
+def free_port(host: str, taken: set[int]) -> int:
+    """A port the OS says is free on ``host`` and no deployment has."""
+    for _ in range(50):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
+    raise MserveError("could not find a free port")
+
+
+def store_tls(paths: Paths, name: str, req: dict) -> dict | None:
+    """Copy --tls-cert/--tls-key into MSERVE_HOME/tls/NAME/ (0600), so the deployment
+    does not depend on files the user may move; None without TLS."""
+    if not req.get("tls_cert"):
+        return None
+    folder = paths.home / "tls" / name
+    ensure_private_dir(folder)
+    stored = {}
+    for key, target in (("tls_cert", "cert.pem"), ("tls_key", "key.pem")):
+        try:
+            data = Path(req[key]).read_bytes()
+        except OSError as exc:
+            raise BadRequest(f"cannot read {key.replace('_', '-')} '{req[key]}': "
+                             f"{exc.strerror}") from None
+        path = folder / target
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        stored[target.split(".")[0]] = str(path)
+    return stored
