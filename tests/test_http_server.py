@@ -17,6 +17,7 @@ import pytest
 
 from mserve.daemon.errors import PayloadTooLarge
 from mserve.daemon.worker import encoding, http
+from mserve.daemon.worker.connlimits import Limits
 from mserve.daemon.worker.http import HttpServer, Request
 
 LIMIT = 1024
@@ -35,13 +36,15 @@ async def echo(request: Request):
 
 
 class Running:
-    def __init__(self, keepalive_s: float = 5.0, handler=echo, max_body: int = LIMIT):
+    def __init__(self, keepalive_s: float = 5.0, handler=echo, max_body: int = LIMIT,
+                 limits: Limits | None = None):
         self.loop = asyncio.new_event_loop()
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
-        self.server = HttpServer(handler, max_body=max_body, keepalive_s=keepalive_s)
+        self.server = HttpServer(handler, max_body=max_body, keepalive_s=keepalive_s,
+                                 limits=limits or Limits())
         started = threading.Event()
 
         def run():
@@ -474,3 +477,196 @@ def test_head_sends_the_head_of_the_answer_and_no_body(size):
 
 def test_405_has_a_reason_phrase():
     assert http.encode(405, [], b"")[0].startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
+
+
+# ---- limits: deadlines, the connection cap, the body budget (issue 13) -------------------
+def poll(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    return value
+
+
+def trickled(conn: socket.socket, first: bytes, drip: bytes, buffer: bytearray,
+             within: float = 5.0) -> tuple[float, tuple[int, dict, bytes]]:
+    """Send ``first``, then ``drip`` every 50 ms until an answer comes: (seconds, answer)."""
+    started = time.monotonic()
+    conn.sendall(first)
+    conn.settimeout(0.05)
+    while time.monotonic() - started < within:
+        try:
+            got = read_response(conn, buffer)
+            return time.monotonic() - started, got
+        except TimeoutError:
+            conn.sendall(drip)
+    raise AssertionError("no answer: the deadline moved with every byte")
+
+
+@pytest.mark.parametrize("first, drip, what", [
+    (b"GET /a HTTP/1.1\r\nx-a: ", b"a", b"headers"),
+    (b"POST /a HTTP/1.1\r\ncontent-length: 100\r\n\r\n", b"x", b"body"),
+    (b"POST /a HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n64\r\n", b"x", b"body")])
+def test_headers_and_bodies_have_deadlines_that_arriving_bytes_do_not_move(first, drip, what):
+    running = Running(limits=Limits(header_s=0.4, body_s=0.4))
+    try:
+        conn, buffer = connect(running.port), bytearray()
+        seconds, (status, headers, body) = trickled(conn, first, drip, buffer)
+        assert status == 408 and headers["connection"] == "close"
+        assert what in body and 0.3 < seconds < 2, (body, seconds)
+        conn.settimeout(3)
+        assert closed(conn)
+    finally:
+        running.stop()
+
+
+def test_between_requests_the_keep_alive_idle_time_applies_not_the_header_deadline():
+    running = Running(keepalive_s=5.0, limits=Limits(header_s=0.2))
+    try:
+        conn, buffer = connect(running.port), bytearray()
+        for _ in range(2):
+            conn.sendall(post("/a", b"x"))
+            assert read_response(conn, buffer)[0] == 200
+            time.sleep(0.4)
+    finally:
+        running.stop()
+
+
+class Holding:
+    """A handler whose ``/hold`` requests wait until ``release()``."""
+
+    def __init__(self):
+        self.gate: asyncio.Event | None = None
+        self.holding = 0
+
+    async def __call__(self, request: Request):
+        if request.path == "/hold":
+            self.gate = self.gate or asyncio.Event()
+            self.holding += 1
+            await self.gate.wait()
+        return await echo(request)
+
+    def release(self, running: Running):
+        running.loop.call_soon_threadsafe(self.gate.set)
+
+
+def test_past_the_cap_idle_then_slow_connections_make_room_and_busy_ones_do_not():
+    handler = Holding()
+    running = Running(handler=handler, limits=Limits(max_connections=2))
+    try:
+        assert running.server.crowd.cap == 2
+        idle, idle_buffer = connect(running.port), bytearray()
+        idle.sendall(post("/a", b""))
+        assert read_response(idle, idle_buffer)[0] == 200
+        slow = connect(running.port)
+        slow.sendall(b"GET /a HTTP/1.1\r\nx-a: ")  # headers still arriving
+        poll(lambda: len(running.server.connections) == 2)
+        busy = connect(running.port)  # the idle one makes room
+        busy.sendall(post("/hold", b""))
+        assert closed(idle)
+        poll(lambda: handler.holding == 1)
+        other = connect(running.port)  # then the slow one, told why
+        status, headers, body = read_response(slow, bytearray())
+        assert status == 503 and headers["retry-after"] == "1" and b"too many" in body
+        other.sendall(post("/hold", b""))
+        poll(lambda: handler.holding == 2)
+        refused = connect(running.port)  # both busy: the newcomer is refused
+        status, headers, _ = read_response(refused, bytearray())
+        assert status == 503 and headers["connection"] == "close" and closed(refused)
+        handler.release(running)
+        assert read_response(busy, bytearray())[0] == 200
+        assert read_response(other, bytearray())[0] == 200
+    finally:
+        running.stop()
+
+
+def test_bodies_held_are_bounded_per_worker_and_given_back():
+    running = Running(limits=Limits(budget=2 * LIMIT))
+    crowd = running.server.crowd
+    try:
+        partial = [connect(running.port) for _ in range(2)]
+        for conn in partial:
+            conn.sendall(post("/a", b"x" * LIMIT)[:-10])  # all but 10 bytes
+        poll(lambda: crowd.held == 2 * (LIMIT - 10))
+        late, buffer = connect(running.port), bytearray()
+        late.sendall(post("/a", b"x" * LIMIT))  # refused right after its headers
+        status, headers, body = read_response(late, buffer)
+        assert status == 503 and headers["retry-after"] == "1" and b"bodies" in body
+        partial[0].close()
+        poll(lambda: crowd.held == LIMIT - 10)
+        fits = connect(running.port)
+        fits.sendall(post("/a", b"x" * 20))
+        assert read_response(fits, bytearray())[0] == 200
+        partial[1].close()
+        poll(lambda: crowd.held == 0)
+    finally:
+        running.stop()
+
+
+def test_a_closed_connection_frees_its_body_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    running = Running(max_body=2**20)
+    gc.disable()
+    try:
+        conn = connect(running.port)
+        conn.sendall(post("/a", b"x" * 2**20)[:-1])
+        poll(lambda: running.server.crowd.held == 2**20 - 1)
+        (served,) = running.server.connections
+        gone = weakref.ref(served)
+        del served
+        conn.close()
+        poll(lambda: gone() is None)  # no cycle through the parser keeps it (and its body)
+        assert running.server.crowd.held == 0
+    finally:
+        gc.enable()
+        running.stop()
+
+
+def test_an_announced_body_over_the_limit_is_refused_before_it_is_read(server):
+    conn, buffer = connect(server.port), bytearray()
+    conn.sendall(b"POST /big HTTP/1.1\r\nhost: x\r\ncontent-length: 1099511627776\r\n\r\n")
+    status, headers, _ = read_response(conn, buffer)
+    assert status == 413 and headers["connection"] == "close"
+    conn.sendall(b"x" * 100_000)  # the server half-closed and drops what still comes
+    assert closed(conn)
+
+
+def test_accept_errors_are_logged_once_per_interval_and_free_descriptors(caplog):
+    running = Running()
+    try:
+        idle = connect(running.port)
+        poll(lambda: len(running.server.connections) == 1)
+        handler = running.loop.get_exception_handler()
+        context = {"message": "socket.accept() out of system resource",
+                   "exception": OSError(24, "Too many open files")}
+        with caplog.at_level("WARNING", logger="mserve.worker"):
+            for _ in range(3):
+                running.loop.call_soon_threadsafe(handler, running.loop, context)
+            assert closed(idle)  # shed to free a descriptor
+            poll(lambda: running.server.crowd.notes["accept"] == 2)
+        lines = [r.getMessage() for r in caplog.records if "cannot accept" in r.getMessage()]
+        assert lines == ["cannot accept connections: Too many open files (1 failures; "
+                         f"open-file limit {running.server.crowd.fd_limit})"]
+    finally:
+        running.stop()
+
+
+def test_the_server_raises_the_soft_fd_limit_and_caps_connections_below_it():
+    import resource
+
+    from mserve.daemon.worker.connlimits import reserve
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 1024:
+        pytest.skip("needs a finite hard limit of at least 1024")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    running = Running(limits=Limits(max_connections=10**6))
+    try:
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == min(hard, 1 << 20)
+        limit = min(hard, 1 << 20)
+        assert running.server.crowd.cap == limit - reserve(limit) < limit
+    finally:
+        running.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
