@@ -171,10 +171,11 @@ class Deployments:
     async def _deploy_stored(self, name: str, artifact, existing: dict | None, req: dict) -> dict:
         options = {**(existing or {}).get("options", DEFAULT_OPTIONS),
                    **{k: req[k] for k in OPTION_KEYS if req.get(k) is not None}}
+        token_hash = hash_token(req.get("token")) or (existing or {}).get("token_hash")
         if existing:
             active = self.state.version(name, existing["active_version"])
             if active and active["sha256"] == artifact.sha256:
-                changed = await self._reconfigure(existing, options)
+                changed = await self._reconfigure(existing, options, token_hash)
                 log.info("deploy of %s from %s: identical to active version %s, %s", name,
                          artifact.source, active["number"],
                          f"options changed: {', '.join(changed)}" if changed
@@ -186,7 +187,6 @@ class Deployments:
         number = self.state.next_version(name)
         version = {"number": number, "sha256": artifact.sha256, "size": artifact.size,
                    "source": artifact.source}
-        token_hash = hash_token(req.get("token")) or (existing or {}).get("token_hash")
         canary = canary_percent(req, existing)
         changes: list[str] = []
         try:
@@ -234,10 +234,12 @@ class Deployments:
             raise MserveError(f"could not record the new version ({exc}); the previous "
                               "state is unchanged") from None
 
-    async def _reconfigure(self, d: dict, options: dict) -> list[str]:
-        """A redeploy of the active version's bytes with other options: apply them to the
-        serving worker now, then record them; the options that changed."""
+    async def _reconfigure(self, d: dict, options: dict, token_hash: str | None) -> list[str]:
+        """A redeploy of the active version's bytes with other options or another token:
+        apply them to the serving worker now, then record them; what changed."""
         changed = sorted(k for k in OPTION_KEYS if d["options"].get(k) != options.get(k))
+        if token_hash != d["token_hash"]:
+            changed.append("token")
         if not changed:
             return []
         name = d["name"]
@@ -248,19 +250,19 @@ class Deployments:
                            hint="deploy a new version to use them, or undeploy and deploy")
         worker = self.supervisor.get(name)
         serving = worker is not None and worker.status == READY
-        new = {**d, "options": options}
+        new = {**d, "options": options, "token_hash": token_hash}
         if serving:
             await worker.request("options", 10, options=options)
-            await self.apply(new, self.current_plan(new))  # the sticky header, if it changed
+            await self.apply(new, self.current_plan(new))  # token and sticky header
         try:
-            self.state.record_options(name, options)
+            self.state.record_settings(name, options, token_hash, ", ".join(changed))
         except sqlite3.Error as exc:
             if serving:
                 with contextlib.suppress(MserveError):
                     await worker.request("options", 10, options=d["options"])
                     await self.apply(d, self.current_plan(d))
-            raise MserveError(f"could not record the new options ({exc}); '{name}' keeps its "
-                              "previous options") from None
+            raise MserveError(f"could not record the new settings ({exc}); '{name}' keeps its "
+                              "previous ones") from None
         return changed
 
     async def _first_deploy(self, name, version, options, token_hash, req) -> None:

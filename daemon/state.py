@@ -256,6 +256,14 @@ class State:
             self.db.execute("UPDATE deployments SET options = ?, updated = ? WHERE name = ?",
                             [json.dumps(options), now(), name])
 
+    def record_settings(self, name: str, options: dict, token_hash: str | None,
+                        detail: str) -> None:
+        """A redeploy of the active version's bytes with other options or token."""
+        with self._write():
+            self.db.execute("UPDATE deployments SET options = ?, token_hash = ?, updated = ? "
+                            "WHERE name = ?", [json.dumps(options), token_hash, now(), name])
+            self._event(name, "reconfigure", None, detail)
+
     def record_labels(self, name: str, labels: dict[str, int], detail: str) -> None:
         with self._write():
             self.db.execute("UPDATE deployments SET labels = ?, updated = ? WHERE name = ?",

@@ -148,3 +148,16 @@ def test_options_changed_on_a_redeploy_apply_at_once(mserve, affine_v1, affine_v
     wait_for(lambda: (x := mserve.deployment("opts"))["pid"] not in (None, d["pid"])
              and x["status"] == "ready", timeout=30, what="restart")
     assert infer(d["port"], "opts", body)[0] == 200
+
+
+def test_a_new_token_on_an_identical_redeploy_applies_at_once(mserve, affine_v1, tmp_path):
+    d = mserve.json("deploy", affine_v1, "--name", "tok")["deployment"]
+    assert infer(d["port"], "tok")[0] == 200
+    token = tmp_path / "token"
+    token.write_text("new-secret\n")
+    out = mserve.json("deploy", affine_v1, "--name", "tok", "--token-file", token)
+    assert out["changed"] is True and out["options_changed"] == ["token"]
+    assert out["version"] == 1 and out["deployment"]["auth"] is True
+    assert infer(d["port"], "tok")[0] == 401  # no restart needed
+    events = [e["action"] for e in mserve.json("status", "tok")["events"]]
+    assert "reconfigure" in events
