@@ -177,6 +177,9 @@ class ControlServer:
         if self.current is not None and self.current is not writer:
             self.current.close()  # a new daemon adopts us; the old link is over
         self.current, self.left_on_purpose = writer, False
+        if self._watching is not None:  # adopted: the next loss starts from a short wait
+            self._watching.cancel()
+            self._watching = None
         log.info("daemon %s connected", hello.get("daemon_pid", "?"))
         self._send(writer, {"id": hello.get("id"), "ok": True, **self.control.describe()})
         try:
@@ -212,8 +215,9 @@ class ControlServer:
         how = "left" if self.left_on_purpose else "went away"
         log.warning("the daemon %s; serving on with the last known versions, split, labels "
                     "and token (no changes until a daemon adopts this worker)", how)
-        if not self.left_on_purpose and self.config.get("respawn_daemon") \
-                and self._watching is None:
+        if not self.left_on_purpose and self.config.get("respawn_daemon"):
+            if self._watching is not None:
+                self._watching.cancel()
             self._watching = asyncio.ensure_future(self._bring_back_daemon())
 
     async def _bring_back_daemon(self) -> None:
@@ -232,8 +236,8 @@ class ControlServer:
                 if not await asyncio.to_thread(_answers, self.config["daemon_socket"]):
                     started = start_daemon(self.config.get("daemon_log")) or started
                 delay = min(RESPAWN_MAX_S, delay * 2)
-        finally:
-            self._watching = None
+        except asyncio.CancelledError:
+            pass
 
 
 def _answers(path: str) -> bool:
