@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 from mserve.daemon.errors import DeployFailed
 
@@ -19,7 +20,8 @@ async def probe(python: str, path: str, device: str, batching: str | None,
     """The version's metadata as the child reports it; DeployFailed with a plain reason."""
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "mserve.daemon.worker.probe", path, device, batching or "auto",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MSERVE_PROBE_PARENT": str(os.getpid())})
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:
