@@ -8,11 +8,11 @@ import orjson
 import pytest
 
 from mserve.daemon.errors import BadRequest, MserveError
-from mserve.daemon.worker import codecs_v1
+from mserve.daemon.worker import bigjson, codecs, codecs_v1, tensors
 from mserve.daemon.worker.codecs import (DTYPES, ORT_TYPES, InferRequest, RequestedOutput,
                                          TensorSpec, binary_bytes, check_inputs, check_outputs,
                                          datatype_of, encode_error, encode_response,
-                                         model_metadata, parse_request)
+                                         json_ready, model_metadata, parse_request)
 
 NUMERIC = ["UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
            "FP16", "FP32", "FP64"]
@@ -564,3 +564,122 @@ def test_encode_predict_columns():
     assert doc == {"outputs": {"f": [True, False], "n": 7}}
     with pytest.raises(ValueError, match="unknown predict form"):
         codecs_v1.encode_predict({"f": flags}, "rows")
+
+
+# ---------------------------------------------------------------- large requests (issue 13)
+
+FP32_X = [TensorSpec("x", "FP32", (-1, 4))]
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Every way of reading tensor data fails the test: a check must refuse the request first."""
+    def touched(*args, **kwargs):
+        raise AssertionError("tensor data was decoded")
+    for name in ("_bytes_from_binary", "_convert", "_by_slices"):
+        monkeypatch.setattr(tensors, name, touched)
+
+
+def test_a_datatype_mismatch_is_refused_before_the_bytes_are_split(no_decoding):
+    count = 4 * 2**20
+    doc = {"inputs": [one_input(datatype="BYTES", shape=[count // 4, 4],
+                                parameters={"binary_data_size": 4 * count})]}
+    start = time.perf_counter()
+    message = parse_error(*binary_body(doc, bytes(4 * count)), inputs=FP32_X)
+    assert message == "input 'x': datatype BYTES does not match the model's FP32"
+    assert time.perf_counter() - start < 1  # splitting 4 M elements took seconds
+
+
+@pytest.mark.parametrize("inputs, outputs, message", [
+    ([one_input("z", shape=[1, 4], data=[0] * 4)], None, "unknown input 'z'"),
+    ([one_input(shape=[1, 3], data=[0] * 3)], None, "dimension 1 must be 4, got 3"),
+    ([one_input(shape=[2], data=[0] * 2)], None, "expected rank 2"),
+    ([one_input(shape=[1, 4], data=[0] * 4), one_input("w", shape=[1], data=[1])], None,
+     "unknown input 'w'"),
+    ([one_input(shape=[1, 4], parameters={"binary_data_size": 12})], None,
+     "binary_data_size is 12 but shape [1, 4] of FP32 needs 16 bytes"),
+    ([one_input(datatype="BYTES", shape=[1, 4], parameters={"binary_data_size": 12})], None,
+     "datatype BYTES does not match"),
+    ([one_input(shape=[1, 4], data=[0] * 4)], [{"name": "nope"}], "unknown output 'nope'"),
+])
+def test_what_the_header_declares_is_checked_first(no_decoding, inputs, outputs, message):
+    binary = sum(item.get("parameters", {}).get("binary_data_size", 0) for item in inputs)
+    doc = {"inputs": inputs, **({"outputs": outputs} if outputs else {})}
+    found = parse_error(*binary_body(doc, b"\0" * binary), inputs=FP32_X,
+                        outputs=[TensorSpec("y", "FP32", (-1, 4))])
+    assert message in found
+
+
+def test_what_is_wrong_with_a_given_input_is_said_before_what_is_missing():
+    specs = FP32_X + [TensorSpec("w", "INT64", (1,))]
+    bad = body_of([one_input(shape=[1, 4], data=[0, 0, "a", 0])])
+    assert "must be numbers" in parse_error(bad, inputs=specs)
+    request = parse_request(body_of([one_input(shape=[1, 4], data=[0] * 4)]), None, inputs=specs)
+    with pytest.raises(BadRequest, match="missing input 'w'"):
+        check_inputs(request, specs)
+
+
+def test_large_json_of_the_wrong_count_is_refused_before_converting(no_decoding):
+    rows = [[0.5] * 4] * 20000
+    message = parse_error(body_of([one_input(shape=[30000, 4], data=rows)]), inputs=FP32_X)
+    assert message == "input 'x': expected 120000 elements for shape [30000, 4], got 80000"
+
+
+@pytest.fixture
+def slices(monkeypatch):
+    """Slices of 8 elements: small data takes the path of millions of elements."""
+    monkeypatch.setattr(tensors, "SLICE_ELEMENTS", 8)
+    monkeypatch.setattr(codecs, "SLICE_ELEMENTS", 8)
+    monkeypatch.setattr(tensors, "PAUSE_EVERY_S", 0.0)
+
+
+@pytest.mark.parametrize("datatype", NUMERIC + ["BOOL", "BYTES"])
+def test_large_json_is_converted_by_slices_to_the_same_array(slices, datatype):
+    if datatype == "BYTES":
+        values = np.array([f"é{index}".encode() for index in range(60)], dtype=object)
+    else:
+        values = np.resize(SAMPLES[datatype].reshape(-1), 60)
+    for shape in [(60,), (5, 3, 4), (1, 60)]:
+        expected = values.reshape(shape)
+        data = json_ready(expected).tolist() if datatype != "BYTES" else json_ready(expected)
+        request = parse_request(body_of([one_input(datatype=datatype, shape=shape,
+                                                   data=data)]), None)
+        array = request.inputs[0].array
+        assert array.dtype == DTYPES[datatype] and array.shape == shape
+        np.testing.assert_array_equal(array, expected)
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ([[1, 2]] * 10 + [[3]], "ragged"),
+    ([[1, 2]] * 10 + [[[3, 4]]], "ragged"),
+    ([[1, 2]] * 10 + [[3, "x"]], "must be numbers, got strings"),
+    ([[1, 2]] * 10 + [[3, 1e300]], "out of range for FP32"),
+])
+def test_an_error_in_a_later_slice_is_found(slices, data, fragment):
+    count = len(data) * 2
+    message = parse_error(body_of([one_input(shape=[count], data=data)]))
+    assert fragment in message and message.startswith("input 'x'")
+
+
+def test_large_json_responses_are_written_in_pieces_as_before(monkeypatch):
+    monkeypatch.setattr(bigjson, "PIECE_ELEMENTS", 8)
+    arrays = [np.arange(100, dtype=np.float32).reshape(25, 4), np.arange(30) % 2 == 0,
+              np.arange(40, dtype=np.int64)]
+    outputs = [(RequestedOutput(f"o{index}", False), array) for index, array in enumerate(arrays)]
+    outputs.append((RequestedOutput("raw", True), arrays[0]))
+    body, headers = encode_response("m", "1", "r", outputs)
+    header, rest = split_response(body, headers)
+    assert rest == arrays[0].tobytes()
+    assert [out["data"] for out in header["outputs"][:3]] == [a.reshape(-1).tolist()
+                                                               for a in arrays]
+
+
+def test_bytes_of_one_length_are_split_by_numpy_exactly():
+    for values in ([b"\x00a\x00", b"b\x00\x00", b"\x00\x00\x00", b"xyz"] * 5, [b""] * 7,
+                   [b"ab", b"cd", b"e"]):
+        sample = np.array(values, dtype=object)
+        raw = binary_bytes(sample)
+        doc = {"inputs": [one_input(datatype="BYTES", shape=[len(values)],
+                                    parameters={"binary_data_size": len(raw)})]}
+        array = parse_request(*binary_body(doc, raw)).inputs[0].array
+        assert array.tolist() == values and all(type(item) is bytes for item in array)

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from mserve.daemon.errors import BadRequest
-from mserve.daemon.worker import codecs_v1
-from mserve.daemon.worker.codecs import DTYPES, RequestedOutput, encode_response
+from mserve.daemon.worker import bigjson, codecs_v1, tensors
+from mserve.daemon.worker.codecs import DTYPES, RequestedOutput, TensorSpec, encode_response
 
 IRIS = Path(__file__).resolve().parent.parent / "examples" / "iris" / "model.onnx"
 INTEGERS = ["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"]
@@ -205,3 +205,64 @@ def test_json_ready_leaves_v2_answers_unchanged():
                    for array in (values, values.astype(char), values.astype(values.dtype
                                                                            .newbyteorder()))}
         assert len(answers) == 1
+
+
+# ---------------------------------------------------------------- large requests (issue 13)
+
+WIDE = [TensorSpec("x", "FP32", (-1, 4))]
+
+
+def refused(doc, specs=WIDE, **kwargs) -> str:
+    with pytest.raises(BadRequest) as info:
+        codecs_v1.parse_predict(orjson.dumps(doc), specs, **kwargs)
+    return info.value.message
+
+
+def test_large_instances_of_the_wrong_shape_are_refused_before_converting(monkeypatch):
+    def converted(*args, **kwargs):
+        raise AssertionError("the rows were converted")
+    monkeypatch.setattr(codecs_v1, "array_from_json", converted)
+    rows = [[0, 0, 0]] * 20000
+    assert refused({"instances": rows}) == "input 'x': dimension 1 must be 4, got 3"
+    assert refused({"inputs": {"x": [[0, 0, 0, 0]] * 20000}}, max_elements=50000) == \
+        "input 'x': 80000 elements is more than the limit of 50000"
+
+
+@pytest.fixture
+def slices(monkeypatch):
+    """Slices of 8 rows or elements, and pieces of 8 numbers written per call."""
+    for module in (tensors, codecs_v1):
+        monkeypatch.setattr(module, "SLICE_ELEMENTS", 8)
+    monkeypatch.setattr(bigjson, "PIECE_ELEMENTS", 8)
+
+
+def test_large_instances_by_slices(slices):
+    rows = [[index, 0.5, -1, 2] for index in range(50)]
+    arrays, form = codecs_v1.parse_predict(orjson.dumps({"instances": rows}), WIDE)
+    np.testing.assert_array_equal(arrays["x"], np.array(rows, dtype=np.float32))
+    named = [{"a": index, "s": ["t"]} for index in range(50)]
+    arrays, _ = codecs_v1.parse_predict(orjson.dumps({"instances": named}), [
+        TensorSpec("a", "INT64", (-1,)), TensorSpec("s", "BYTES", (-1, 1))])
+    assert arrays["a"].tolist() == list(range(50)) and arrays["s"].shape == (50, 1)
+
+
+def test_a_mix_of_rows_in_a_later_slice_is_found(slices):
+    specs = [TensorSpec("x", "FP32", (-1, 4))]
+    mixed = [[0, 0, 0, 0]] * 20 + [{"x": [0, 0, 0, 0]}]
+    assert "not a mix" in refused({"instances": mixed}, specs)
+    named = [{"x": [0, 0, 0, 0]}] * 20 + [[0, 0, 0, 0]]
+    assert "not a mix" in refused({"instances": named}, specs)
+
+
+@pytest.mark.parametrize("form", ["instances", "inputs"])
+def test_large_answers_are_written_in_pieces_as_before(slices, form):
+    outputs = {"p": np.arange(60, dtype=np.float32).reshape(20, 3),
+               "q": np.arange(20) % 3 == 0}
+    doc = orjson.loads(codecs_v1.encode_predict(outputs, form))
+    if form == "instances":
+        assert doc == {"predictions": [{"p": outputs["p"][i].tolist(), "q": bool(outputs["q"][i])}
+                                       for i in range(20)]}
+    else:
+        assert doc == {"outputs": {name: array.tolist() for name, array in outputs.items()}}
+    one = orjson.loads(codecs_v1.encode_predict({"p": outputs["p"]}, form))
+    assert one == {"predictions" if form == "instances" else "outputs": outputs["p"].tolist()}

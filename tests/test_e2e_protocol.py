@@ -122,7 +122,7 @@ def _input(**fields) -> bytes:
     (_input(shape=[-1, 3]), 400, "shape"),
     (_input(shape=[10**9, 10**9], data=[1]), 400, "shape"),
     (_input(data=["a", "b", "c"]), 400, "number"),
-    (_input(data=[[1, 2], [3]], shape=[2, 2]), 400, "ragged"),
+    (_input(data=[[1, 2, 3], [4]], shape=[2, 3]), 400, "ragged"),
     (b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, ""),
     (b'{"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}',
      400, "'z'"),

@@ -9,6 +9,7 @@ statistics, repository index and ``/metrics`` in routes.py. Every error is
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
@@ -19,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unauthorized, Unavailable
-from mserve.daemon.worker import codecs, codecs_v1, routes
+from mserve.daemon.worker import bigjson, codecs, codecs_v1, routes
 from mserve.daemon.worker.batcher import Batcher
 from mserve.daemon.worker.http import HttpServer, Request, Response
 from mserve.daemon.worker.metrics import Metrics
@@ -30,6 +31,11 @@ from mserve.daemon.worker.runtime import LoadedModel
 
 log = logging.getLogger("mserve.worker")
 CANCELLED = 499  # the status recorded for a call its client cancelled (nginx's convention)
+# Larger bodies are decoded, and answers with more elements encoded, in a codec thread, so
+# the event loop goes on answering (health checks included) while a large request is read;
+# smaller ones stay on the loop, where they cost no thread hop.
+OFF_LOOP_BYTES = 64 * 1024
+OFF_LOOP_ELEMENTS = 16384
 
 
 class Serving:
@@ -53,6 +59,7 @@ class Serving:
         self.recent = Recent()
         self.log = RequestLog(options.get("request_log"), payloads=bool(options.get("log_payloads")))
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
+        self.codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="codec")
 
     # ---- versions (changed by the daemon through the control channel) -----------------
     def add(self, model: LoadedModel) -> None:
@@ -167,6 +174,12 @@ class Serving:
         wanted = codecs.check_outputs(request, model.outputs)
         arrays = await self.run(model, feeds, [o.name for o in wanted], call, alone)
         return list(zip(wanted, arrays))
+
+    async def off_loop(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)`` in a codec thread: decoding or encoding a large body,
+        with the cyclic garbage collector paused meanwhile (see bigjson.collector_paused)."""
+        call = functools.partial(_collector_paused, function, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.codec, call)
 
     def recorded(self, call: Call, later: list[Call] | None = None) -> Recorded:
         """A context that records ``call`` however it ends (see Recorded); with ``later``, the
@@ -296,24 +309,40 @@ class WorkerApp:
     async def _v2(self, model: LoadedModel, request: Request, call: Call):
         header_length = _int_header(request.headers, "inference-header-content-length")
         start = time.perf_counter()  # decode and encode times: Triton's compute_input/output
-        parsed = codecs.parse_request(request.body, header_length,
-                                      max_elements=self.s.max_elements)
+        args = (codecs.parse_request, request.body, header_length)
+        kwargs = {"max_elements": self.s.max_elements, "inputs": model.inputs,
+                  "outputs": model.outputs}
+        if len(request.body) > OFF_LOOP_BYTES:
+            parsed = await self.s.off_loop(*args, **kwargs)
+        else:
+            parsed = codecs.parse_request(*args[1:], **kwargs)
         call.input_s = time.perf_counter() - start
         results = await self.s.infer(model, parsed, call, self._alone())
         start = time.perf_counter()
-        out, headers = codecs.encode_response(self.s.name, str(model.number), parsed.id, results)
+        args = (codecs.encode_response, self.s.name, str(model.number), parsed.id, results)
+        if sum(array.size for _, array in results) > OFF_LOOP_ELEMENTS:
+            out, headers = await self.s.off_loop(*args)
+        else:
+            out, headers = codecs.encode_response(*args[1:])
         call.output_s = time.perf_counter() - start
         return out, [(k.encode(), v.encode()) for k, v in headers.items()]
 
     async def _v1(self, model: LoadedModel, request: Request, call: Call):
         start = time.perf_counter()
-        feeds, form = codecs_v1.parse_predict(request.body, model.inputs,
-                                              max_elements=self.s.max_elements)
+        args, limit = (request.body, model.inputs), self.s.max_elements
+        if len(request.body) > OFF_LOOP_BYTES:
+            feeds, form = await self.s.off_loop(codecs_v1.parse_predict, *args, max_elements=limit)
+        else:
+            feeds, form = codecs_v1.parse_predict(*args, max_elements=limit)
         call.input_s = time.perf_counter() - start
         names = [o.name for o in model.outputs]
         arrays = await self.s.run(model, feeds, names, call, self._alone())
         start = time.perf_counter()
-        out = codecs_v1.encode_predict(dict(zip(names, arrays)), form)
+        outputs = dict(zip(names, arrays))
+        if sum(array.size for array in arrays) > OFF_LOOP_ELEMENTS:
+            out = await self.s.off_loop(codecs_v1.encode_predict, outputs, form)
+        else:
+            out = codecs_v1.encode_predict(outputs, form)
         call.output_s = time.perf_counter() - start
         return out, list(JSON)
 
@@ -329,6 +358,11 @@ def _failure(request: Request, exc: Exception) -> tuple[int, bytes, list]:
         return exc.status, codecs.encode_error(exc.message), JSON
     log.error("unexpected error on %s %s", request.method, request.path, exc_info=exc)
     return 500, codecs.encode_error("internal error (see the deployment log)"), JSON
+
+
+def _collector_paused(function, *args, **kwargs):
+    with bigjson.collector_paused():
+        return function(*args, **kwargs)
 
 
 def _int_header(headers: dict[str, str], key: str) -> int | None:

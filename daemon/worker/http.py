@@ -241,7 +241,7 @@ class Connection(Guarded, asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         keep = self.parser.should_keep_alive()
-        body = self.body if type(self.body) is bytes else bytes(self.body)
+        body = self.body  # bytes or a bytearray: copying 64 MiB would stall the loop
         self.body = b""
         path = self.url.split(b"?", 1)[0].decode("latin-1")
         if "%" in path:

@@ -22,7 +22,7 @@ class Request:
     method: str
     path: str
     headers: dict[str, str]  # lower-case names; a repeated header keeps its last value
-    body: bytes
+    body: bytes | bytearray  # a large body is the buffer it arrived in (no copy)
     client: str | None
     coding: str | None = None  # the body's Content-Encoding until it is decoded
 
