@@ -215,7 +215,8 @@ def test_calls_reach_the_request_log_and_metrics(served, shared):
         return {e["id"]: e for e in map(json.loads, log.read_text().splitlines())
                 if e["id"].startswith("grpc-")}
 
-    logged = wait_for(lambda: len(lines()) >= 2 and lines(), what="the request log")
+    logged = wait_for(lambda: {"grpc-logged", "grpc-failed"} <= set(lines()) and lines(),
+                      what="the request log")
     ok, failed = logged["grpc-logged"], logged["grpc-failed"]
     assert ok["status"] == 200 and ok["version"] == 1 and ok["bytes_in"] > 0
     assert ok["bytes_out"] > 0 and ok["client"].startswith("127.0.0.1:")

@@ -77,3 +77,22 @@ def test_each_version_has_its_own_series_and_load_time():
         if name.startswith("mserve_") and not name.startswith(("mserve_process_",
                                                                 "mserve_deployment_info")):
             assert ("model", "recs") in labels, name
+
+
+def test_refused_calls_are_counted_by_protocol_and_limit():
+    """A gRPC call refused by a limit before a version was chosen: counted by limit, and an
+    inference call also as a request that failed with 503 (as a full HTTP queue's 503 is),
+    with an empty version."""
+    m = Metrics("d")
+    m.rejected("grpc", "calls", True)
+    m.rejected("grpc", "calls", True)
+    m.rejected("grpc", "bytes", False)  # e.g. ModelMetadata: not an inference request
+    got = samples(m)
+    assert got["mserve_rejected_total", (("model", "d"), ("protocol", "grpc"),
+                                         ("reason", "calls"))] == 2
+    assert got["mserve_rejected_total", (("model", "d"), ("protocol", "grpc"),
+                                         ("reason", "bytes"))] == 1
+    assert got["mserve_requests_total", (("code", "503"), ("model", "d"), ("outcome", "failure"),
+                                         ("version", ""))] == 2
+    assert ("mserve_request_duration_seconds_count", (("model", "d"), ("version", ""))) \
+        not in got

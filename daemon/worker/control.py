@@ -119,15 +119,15 @@ class Control:
         now on: the daemon reloads the active one when they change."""
         old, serving = self.serving.options, self.serving
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        max_body = int((new.get("max_body_mb") or 64) * 2**20)
+        if max_body != serving.max_body and self.grpc is not None:
+            await self.grpc.resize(max_body)  # first: a limit it cannot take changes nothing
         serving.options = new
         serving.log.payloads = bool(new.get("log_payloads"))
-        max_body = int((new.get("max_body_mb") or 64) * 2**20)
         if max_body != serving.max_body:
             serving.max_body = max_body
             if self.http is not None:
                 self.http.max_body = max_body
-            if self.grpc is not None and hasattr(self.grpc, "resize"):
-                await self.grpc.resize(max_body)
         if any(k in changed for k in BATCH_KEYS):
             for model in list(serving.models.values()):
                 serving.add(model)  # a new batcher with the new limits; the old one drains

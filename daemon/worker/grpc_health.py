@@ -6,7 +6,9 @@ the moment it starts draining (``GrpcServer.stop``), the last status a ``Watch``
 it ends. The port answers during the whole drain, so a probe reads NOT_SERVING rather than a
 refused connection. The services known are the whole server (""), the deployment's name and
 the inference service's name; another is NOT_FOUND for ``Check`` and SERVICE_UNKNOWN for
-``Watch``, as the protocol says. No token, like the HTTP health routes.
+``Watch``, as the protocol says. No token, like the HTTP health routes. Bytes that are not a
+HealthCheckRequest are INVALID_ARGUMENT (parsed here, not by grpcio, which would log a
+traceback for each).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from mserve.daemon.worker.app import Serving
 from mserve.daemon.worker.proto import health_pb2 as pb
@@ -43,7 +46,8 @@ class Health:
             return Status.NOT_SERVING
         return Status.SERVING
 
-    async def check(self, request: pb.HealthCheckRequest, context) -> pb.HealthCheckResponse:
+    async def check(self, raw: bytes, context) -> pb.HealthCheckResponse:
+        request = await _request(raw, context)
         status = self.status(request.service)
         if status == Status.SERVICE_UNKNOWN:
             known = ", ".join(repr(name) for name in sorted(self.services))
@@ -51,10 +55,10 @@ class Health:
                                 f"unknown service {request.service[:100]!r}; known: {known}")
         return pb.HealthCheckResponse(status=status)
 
-    async def watch(self, request: pb.HealthCheckRequest, context):
+    async def watch(self, raw: bytes, context):
         """The status now, then each change. A drain's NOT_SERVING is the last: the call
         then ends (OK) rather than be cut by the server's stop, which could lose it."""
-        last = None
+        request, last = await _request(raw, context), None
         while True:
             changed = self._changed
             if (status := self.status(request.service)) != last:
@@ -67,10 +71,16 @@ class Health:
     def handler(self) -> grpc.GenericRpcHandler:
         serialize = pb.HealthCheckResponse.SerializeToString
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                self.check, request_deserializer=pb.HealthCheckRequest.FromString,
-                response_serializer=serialize),
-            "Watch": grpc.unary_stream_rpc_method_handler(
-                self.watch, request_deserializer=pb.HealthCheckRequest.FromString,
-                response_serializer=serialize),
+            "Check": grpc.unary_unary_rpc_method_handler(self.check,
+                                                         response_serializer=serialize),
+            "Watch": grpc.unary_stream_rpc_method_handler(self.watch,
+                                                          response_serializer=serialize),
         })
+
+
+async def _request(raw: bytes, context) -> pb.HealthCheckRequest:
+    try:
+        return pb.HealthCheckRequest.FromString(raw)
+    except (DecodeError, ValueError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            "the request is not a valid HealthCheckRequest message")

@@ -10,6 +10,10 @@ unanswered at once, so the messages of one stream join one batch; each answer wa
 those before it. The token is checked once, from the stream's metadata: a missing or wrong
 one ends the stream with UNAUTHENTICATED. A drain ends open streams with UNAVAILABLE once
 the messages already read are answered.
+
+A stream counts as one call against the worker's cap of calls in progress; each message it
+holds counts against the byte budget until answered, and one that would pass it is answered
+with that error (grpc_limits.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 import grpc
 
 from mserve.daemon.errors import MserveError
+from mserve.daemon.worker.grpc_limits import Busy
 from mserve.daemon.worker.grpc_server import Servicer, _headers, _peer, status_code
 from mserve.daemon.worker.proto import grpc_service_pb2 as pb
 from mserve.daemon.worker.requestlog import Call
@@ -59,13 +64,18 @@ class Stream:
     async def answer(self, raw: bytes) -> bytes:
         """One message's serialized ModelStreamInferResponse."""
         call = Call(started=time.perf_counter(), client=self.peer)
+        limits, held = self.servicer.limits, 0
         try:
+            limits.take(len(raw), True)
+            held = len(raw)
             return stream_response(await self.servicer.infer(raw, call, self.headers))
         except MserveError as exc:
             return stream_error(exc.message, call, self.name)
         except Exception:
-            log.exception("unexpected error in a gRPC stream message")
+            limits.unexpected("stream message")
             return stream_error("internal error (see the deployment log)", call, self.name)
+        finally:
+            limits.give(held)
 
     def close(self, reader: asyncio.Future) -> None:
         """Stop reading; cancel the work of messages whose answers will not be sent (they
@@ -79,27 +89,33 @@ class Stream:
 def stream_handler(servicer: Servicer) -> grpc.RpcMethodHandler:
     """The ModelStreamInfer method: raw bytes in and out, as the unary ModelInfer."""
     async def handle(requests, context):
+        try:
+            servicer.limits.enter(True)
+        except Busy as exc:
+            await context.abort(status_code(exc), exc.message)
         stream = Stream(servicer, context)
         try:
             servicer.s.authorize(stream.headers.get("authorization"))
+            if servicer.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"deployment '{stream.name}' is shutting down")
+            with servicer.inflight:
+                servicer.streams.add(stream)
+                reader = asyncio.ensure_future(stream.read(requests))
+                try:
+                    while (item := await stream.answers.get()) != END:
+                        if item == DRAINED:
+                            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                                f"deployment '{stream.name}' is shutting down")
+                        yield await item
+                        stream.window.release()
+                finally:
+                    servicer.streams.discard(stream)
+                    stream.close(reader)
         except MserveError as exc:
             await context.abort(status_code(exc), exc.message)
-        if servicer.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"deployment '{stream.name}' is shutting down")
-        with servicer.inflight:
-            servicer.streams.add(stream)
-            reader = asyncio.ensure_future(stream.read(requests))
-            try:
-                while (item := await stream.answers.get()) != END:
-                    if item == DRAINED:
-                        await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                            f"deployment '{stream.name}' is shutting down")
-                    yield await item
-                    stream.window.release()
-            finally:
-                servicer.streams.discard(stream)
-                stream.close(reader)
+        finally:
+            servicer.limits.leave()
 
     return grpc.stream_stream_rpc_method_handler(handle)
 

@@ -36,6 +36,7 @@ class Metrics:
         self.requests: dict[tuple[str, str, str], int] = {}  # (version, outcome, code)
         self.latency: dict[str, LoopHistogram] = {}
         self.versions: dict[str, RunMetrics] = {}
+        self.refusals: dict[tuple[str, str], int] = {}  # (protocol, reason)
         registry.register(_LoopCollector(self))
         self.load_time = Gauge(
             "mserve_model_load_seconds", "Time to load and warm up each loaded version.",
@@ -73,6 +74,15 @@ class Metrics:
             if latency is None:
                 latency = self.latency[version] = LoopHistogram()
             latency.observe(seconds)
+
+    def rejected(self, protocol: str, reason: str, inference: bool) -> None:
+        """A call refused by a limit before a version was chosen (a gRPC call past the cap
+        of calls or bytes). An inference call also counts as a request that failed with 503,
+        as an HTTP request refused by a full queue does, with an empty ``version``."""
+        key = (protocol, reason)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
+        if inference:
+            self.observe_request("", 503, 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -141,6 +151,13 @@ class _LoopCollector:
         for version, histogram in sorted(self.m.latency.items()):
             latency.add_metric([model, version], histogram.buckets(), histogram.sum)
         yield latency
+        refused = CounterMetricFamily(
+            "mserve_rejected", "Calls refused by a limit before they were read or run, by "
+            "protocol and limit (gRPC: RESOURCE_EXHAUSTED; calls: too many in progress, "
+            "bytes: too many request bytes held).", labels=["model", "protocol", "reason"])
+        for labels, count in sorted(self.m.refusals.items()):
+            refused.add_metric([model, *labels], count)
+        yield refused
         yield from self._runs(model, sorted(self.m.versions.items()))
 
     def _runs(self, model: str, versions: list[tuple[str, RunMetrics]]):
