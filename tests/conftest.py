@@ -17,6 +17,8 @@ import pytest
 from tests import models
 
 CLI = [sys.executable, "-m", "mserve.cli.main"]
+OTHER_UID = 65534  # nobody: "another local user" in the tests that need one
+ROOT = os.geteuid() == 0
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
@@ -161,3 +163,17 @@ def affine_v1(model_dir) -> Path:
 @pytest.fixture(scope="session")
 def affine_v2(model_dir) -> Path:
     return models.affine(model_dir / "v2" / "affine.onnx", scale=2.0, bias=1.0)
+
+
+def foreign_folder(tmp_path: Path) -> Path:
+    """A folder another user owns: made and given away as root, else an existing one."""
+    if ROOT:
+        folder = tmp_path / "theirs"
+        folder.mkdir()
+        folder.chmod(0o777)
+        os.chown(folder, OTHER_UID, OTHER_UID)
+        return folder
+    for folder in (Path("/"), Path("/usr"), Path("/etc")):
+        if folder.stat().st_uid != os.geteuid():
+            return folder
+    pytest.skip("no folder owned by another user on this machine")

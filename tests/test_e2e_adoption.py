@@ -13,12 +13,10 @@ import signal
 import sqlite3
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests import models
 from tests.conftest import CLI, _alive, wait_for
 
 pytestmark = pytest.mark.e2e

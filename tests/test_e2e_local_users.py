@@ -21,11 +21,9 @@ from pathlib import Path
 import pytest
 
 from mserve.daemon.paths import SOCKET_NAME, _short_socket
-from tests.conftest import Mserve, short_home
+from tests.conftest import OTHER_UID, ROOT, Mserve, foreign_folder, short_home
 
 pytestmark = pytest.mark.e2e
-OTHER_UID = 65534  # nobody
-ROOT = os.geteuid() == 0
 as_root = pytest.mark.skipif(not ROOT, reason="simulating another user needs root (chown, "
                                               "setuid)")
 TOKEN = "s3cret-of-the-victim"
@@ -102,20 +100,6 @@ def token_file(tmp_path: Path) -> Path:
     path.write_text(TOKEN + "\n")
     path.chmod(0o600)
     return path
-
-
-def foreign_folder(tmp_path: Path) -> Path:
-    """A folder another user owns: made and given away as root, else an existing one."""
-    if ROOT:
-        folder = tmp_path / "theirs"
-        folder.mkdir()
-        folder.chmod(0o777)
-        os.chown(folder, OTHER_UID, OTHER_UID)
-        return folder
-    for folder in (Path("/"), Path("/usr"), Path("/etc")):
-        if folder.stat().st_uid != os.geteuid():
-            return folder
-    pytest.skip("no folder owned by another user on this machine")
 
 
 def test_a_long_home_gets_a_private_fallback_folder(long_home, affine_v1):

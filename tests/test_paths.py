@@ -14,9 +14,8 @@ import pytest
 from mserve.daemon import paths
 from mserve.daemon.paths import (SOCKET_NAME, UnsafePath, check_name, check_socket,
                                  ensure_private_dir, resolve)
+from tests.conftest import OTHER_UID, ROOT, foreign_folder
 
-OTHER_UID = 65534  # nobody
-ROOT = os.geteuid() == 0
 as_root = pytest.mark.skipif(not ROOT, reason="only root can give a file to another user")
 
 
@@ -93,20 +92,6 @@ def test_ensure_private_dir(tmp_path):
     target.chmod(0o755)
     ensure_private_dir(target)  # existing folder: tightened again, no error
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
-
-
-def foreign_folder(tmp_path: Path) -> Path:
-    """A folder another user owns: made and given away as root, else an existing one."""
-    if ROOT:
-        folder = tmp_path / "theirs"
-        folder.mkdir()
-        folder.chmod(0o777)
-        os.chown(folder, OTHER_UID, OTHER_UID)
-        return folder
-    for folder in (Path("/"), Path("/usr"), Path("/etc")):
-        if folder.stat().st_uid != os.geteuid():
-            return folder
-    pytest.skip("no folder owned by another user on this machine")
 
 
 def test_a_folder_another_user_owns_is_refused_and_left_alone(tmp_path):

@@ -13,6 +13,7 @@ from mserve.cli.client import check, request_url
 from mserve.cli.render import JsonOption, response
 from mserve.cli.tokens import ClientTokenOption, TokenFileOption
 from mserve.daemon.errors import BadRequest, MserveError, error_for_status
+from mserve.daemon.protocol.shapes import nested_shape
 
 
 def predict(
@@ -105,12 +106,9 @@ def _mapping_request(meta: dict, mapping: dict) -> dict:
 
 def shape_of(data, name: str) -> list[int]:
     """The shape of a nested list, from its first elements (the server checks the rest)."""
-    shape = []
-    while isinstance(data, list):
-        shape.append(len(data))
-        if not data:
-            break
-        data = data[0]
+    shape = list(nested_shape(data))
+    for _ in shape:
+        data = data[0] if data else data
     if isinstance(data, dict):
         raise MserveError(f"input '{name}': data must be numbers, strings or booleans in "
                           "nested lists")

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.protocol.shapes import nested_shape
 
 DEFAULT_MAX_ELEMENTS = 64 * 2**20
 MAX_RANK = 32  # deeper shapes or JSON nesting are refused (numpy itself stops at 64)
@@ -169,13 +170,7 @@ def check_declared(label: str, datatype: str, shape: tuple[int, ...], spec: Tens
 def data_shape(data) -> tuple[int, ...]:
     """The shape JSON data has if it is rectangular, read along its first elements only:
     as cheap for a million rows as for one (nesting is limited by ``check_depth``)."""
-    shape = []
-    while isinstance(data, list):
-        shape.append(len(data))
-        if not data:
-            break
-        data = data[0]
-    return tuple(shape)
+    return nested_shape(data)
 
 
 def check_depth(label: str, data) -> None:
