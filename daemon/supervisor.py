@@ -66,6 +66,7 @@ class WorkerProcess:
         """Spawn the worker (its config on stdin, never in argv) and wait for its 'ready'
         event, then open its control link; DeployFailed with the reason."""
         self.stopping, self.adopted, self.hung = False, False, None
+        config = {**config, "restarts": self.restarts}  # in its record: a later daemon shows it
         with open(self.log_path, "ab") as log_file:
             proc = await asyncio.create_subprocess_exec(
                 self.python, "-m", "mserve.daemon.worker", self.name,
@@ -123,6 +124,7 @@ class WorkerProcess:
             raise Unavailable(f"the control socket of '{self.name}' answers for another process")
         self.proc, self.link, self.record = None, link, record
         self.stopping, self.adopted, self.hung = False, True, None
+        self.restarts = max(self.restarts, int(record.get("restarts") or 0))
         self.generation += 1
         self.endpoint = (described["host"], described["port"],
                          bool((described.get("options") or {}).get("tls")))

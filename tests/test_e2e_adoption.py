@@ -271,6 +271,14 @@ def test_daemon_stop_keep_serving_hands_the_workers_to_the_next_daemon(mserve, a
     mserve.ok("daemon", "start")
     after = mserve.deployment("handover")
     assert after["pid"] == d["pid"] and after["status"] == "ready"
+    # A worker restarted once keeps its count across an adoption.
+    os.kill(d["pid"], signal.SIGKILL)
+    d = wait_for(lambda: (x := mserve.deployment("handover"))["pid"] not in (None, d["pid"])
+                 and x["status"] == "ready" and x, what="the restart")
+    assert d["restarts"] == 1
+    mserve.json("daemon", "stop", "--keep-serving")
+    mserve.ok("daemon", "start")
+    assert mserve.deployment("handover")["restarts"] == 1
     # A plain stop still stops everything.
     mserve.ok("daemon", "stop")
     wait_for(lambda: not _alive(d["pid"]), timeout=30, what="the worker to stop")

@@ -25,7 +25,8 @@ class Record:
         self.fields = {"name": config["name"], "pid": os.getpid(),
                        "started": workerrecord.start_time(os.getpid()),
                        "socket": config["control_socket"], "secret": config["secret"],
-                       "port": config["port"], "ready": False}
+                       "port": config["port"], "restarts": config.get("restarts", 0),
+                       "ready": False}
 
     def write(self, ready: bool) -> None:
         try:
