@@ -163,7 +163,7 @@ class WorkerProcess:
             await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             await self.kill()
-        self._close_link()
+        self.close_link()
 
     async def kill(self) -> None:
         if self.pid is not None:
@@ -171,9 +171,9 @@ class WorkerProcess:
             self.signal(signal.SIGKILL)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(waiter, 10)
-        self._close_link()
+        self.close_link()
 
-    def _close_link(self) -> None:
+    def close_link(self) -> None:
         if self.link is not None:
             self.link.close()
             self.link = None
@@ -227,7 +227,7 @@ class Supervisor:
         code = await exited
         if worker.stopping or worker.generation != generation:
             return
-        worker._close_link()
+        worker.close_link()
         lived = time.monotonic() - worker.started_at
         worker.crashes = 1 if lived > HEALTHY_AFTER_S and not worker.hung else worker.crashes + 1
         how = _exit(code) if code is not None else "an adopted worker; exit status unknown"
@@ -308,7 +308,7 @@ class Supervisor:
         await asyncio.gather(*(w.request("bye", 2) for w in workers if w.link),
                              return_exceptions=True)
         for w in workers:
-            w._close_link()
+            w.close_link()
         for task in list(self._tasks):
             task.cancel()
 
