@@ -1,26 +1,37 @@
-# syntax=docker/dockerfile:1
 # The mserve serving image: one model, `mserve serve /mnt/models`, the entrypoint KServe runs.
 #
-#   docker build -t mserve:0.1.0 .                                   # CPU (plain onnxruntime)
-#   docker build --build-arg VARIANT=gpu -t mserve:0.1.0-gpu .       # CUDA 12 + cuDNN 9
+#   docker build -t mserve:0.1.0 .                                    # CPU (plain onnxruntime)
+#   docker build --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#                --build-arg VARIANT=gpu -t mserve:0.1.0-gpu .        # CUDA 12 + cuDNN 9
 #   docker run --rm -p 8080:8080 -v "$PWD/model-dir:/mnt/models:ro" mserve:0.1.0 --name iris
 #
-# Arguments after the image name are `mserve serve` options. docs/kubernetes.md has the rest.
+# (`make image` runs the first with podman, docker or buildah, `make image BASE=... VARIANT=gpu`
+# the second.) Build arguments, the only things that differ between the variants:
+#   BASE     the one base image both stages start from: any Debian or Ubuntu image; one
+#            without python3 and its venv module (the CUDA images) gets them from apt.
+#            A CPU build names only the CPU base, so nothing else is pulled.
+#   VARIANT  cpu: plain onnxruntime (a wheel ~20 times smaller); gpu: onnxruntime-gpu.
+# No `# syntax=` line: the builder's own Dockerfile frontend is enough, and BuildKit would
+# otherwise fetch one from a registry (no offline builds).
+#
+# Arguments after the image name are `mserve serve` options. It runs as any uid on a read-only
+# root filesystem (`mserve serve` writes nothing; tests/test_e2e_image.py runs it so).
+# SIGTERM: not ready at once, serving for MSERVE_DRAIN_GRACE s, then a drain of up to
+# MSERVE_DRAIN_TIMEOUT s: 25 s in all, under Kubernetes' default 30 s grace period (give
+# `docker stop` / `podman stop` `-t 30`). docs/kubernetes.md has the rest.
+ARG BASE=python:3.12-slim-bookworm
+
+# Runtime: the base with python3 and venv.
+FROM ${BASE} AS runtime
+RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends python3 python3-venv \
+      && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+# Build: a virtual environment in /opt/mserve holding mserve and its runtime dependencies.
+FROM runtime AS build
 ARG VARIANT=cpu
-ARG CPU_BASE=python:3.12-slim-bookworm
-ARG GPU_BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
-
-FROM ${CPU_BASE} AS base-cpu
-
-FROM ${GPU_BASE} AS base-gpu
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
- && rm -rf /var/lib/apt/lists/*
-
-# Build: a virtual environment in /opt/mserve holding mserve and its runtime dependencies
-# (for the CPU variant, onnxruntime instead of the much larger onnxruntime-gpu).
-FROM base-${VARIANT} AS build
-ARG VARIANT
 # The en_US.UTF-8 locale, the default of ONNX Runtime's StringNormalizer (skl2onnx's
 # TfidfVectorizer and CountVectorizer models), so they load as written (without it the worker
 # substitutes C.UTF-8: daemon/worker/stringlocale.py). Compiled here; only the 3 MB archive
@@ -40,12 +51,13 @@ COPY daemon daemon
 RUN /opt/mserve/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps . \
  && /opt/mserve/bin/pip uninstall -y -q pip
 
-# Run: the same base, the environment, an unprivileged user.
-FROM base-${VARIANT}
+# Run: the same runtime, the environment, an unprivileged user.
+FROM runtime
 ENV PATH=/opt/mserve/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    MSERVE_DRAIN_TIMEOUT=25
+    MSERVE_DRAIN_GRACE=5 \
+    MSERVE_DRAIN_TIMEOUT=20
 COPY --from=build /opt/mserve /opt/mserve
 COPY --from=build /usr/lib/locale/locale-archive /usr/lib/locale/locale-archive
 RUN groupadd --gid 10001 mserve \

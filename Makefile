@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_HOME ?= $(CURDIR)/.mserve-demo
 
 .PHONY: demo test install clean demo-stop completions bench soak zoo perf-analyzer \
-        perf-analyzer-tools
+        perf-analyzer-tools image image-offline
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,33 @@ $(PA_VENV)/bin/perf_analyzer:
 	echo '*' > $(PA_VENV)/.gitignore
 	$(PA_VENV)/bin/python -m pip install -qq '$(PA_TRITONCLIENT)' nvidia-cuda-runtime-cu12
 	@test -x $@ || { echo "make perf-analyzer: $(PA_TRITONCLIENT) installed no $@" >&2; exit 1; }
+
+# The serving image (Dockerfile) with whichever of podman, docker or buildah is installed
+# (CONTAINER=... chooses), tagged $(IMAGE). It pulls only its one base, BASE (default the
+# Dockerfile's python:3.12-slim-bookworm); a BASE already in the local store builds with no
+# registry at all (podman/buildah: IMAGE_ARGS=--pull=never). GPU image:
+#   make image BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 VARIANT=gpu IMAGE=mserve:dev-gpu
+# Where no registry can be reached at all, `make image-offline` builds the same Dockerfile with
+# $(CONTAINER_IMAGE_TOOL) (podman, on a Debian base made locally with mmdebstrap; root).
+IMAGE ?= mserve:dev
+BASE ?=
+VARIANT ?= cpu
+IMAGE_ARGS ?=
+CONTAINER ?= $(firstword $(foreach tool,podman docker buildah,$(shell command -v $(tool))))
+CONTAINER_IMAGE_TOOL ?= ../shared/tools/container-image
+IMAGE_BUILD_ARGS = $(if $(BASE),--build-arg BASE=$(BASE)) --build-arg VARIANT=$(VARIANT)
+
+image:
+	@test -n "$(CONTAINER)" || { echo "make image: no podman, docker or buildah found:" \
+	  "install one, or name it with CONTAINER=..." >&2; exit 1; }
+	$(CONTAINER) build $(IMAGE_BUILD_ARGS) $(IMAGE_ARGS) -t $(IMAGE) .
+
+image-offline:
+	@test -x "$(CONTAINER_IMAGE_TOOL)" || { echo "make image-offline: $(CONTAINER_IMAGE_TOOL)" \
+	  "not found (CONTAINER_IMAGE_TOOL=...); on a machine that reaches a registry:" \
+	  "make image" >&2; exit 1; }
+	$(CONTAINER_IMAGE_TOOL) build -t $(IMAGE) $(IMAGE_BUILD_ARGS) . \
+	  $(if $(IMAGE_ARGS),-- $(IMAGE_ARGS))
 
 completions: install
 	$(BIN)/python completions/generate.py

@@ -1,6 +1,7 @@
 """`mserve serve` as KServe runs it: on the folder `mserve export kserve --artifact` lays
-out, with the command and arguments of the exported manifests, driven by tritonclient; and
-SIGTERM drains a request in flight before a clean exit."""
+out, with the command and arguments of the exported manifests, driven by tritonclient;
+SIGTERM drains a request in flight before a clean exit; and SIGTERM first turns readiness off
+while it goes on serving for --drain-grace, so that nothing routed to it before then is refused."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,7 +80,8 @@ def pod_command(shared, name: str, artifact: Path, *export_args: str) -> tuple[l
         assert model["env"][0]["valueFrom"]["secretKeyRef"]["key"] == "token"
         env["MSERVE_TOKEN"] = TOKEN
     cli = [sys.executable, "-m", "mserve.cli.main"] + command[1:]
-    return cli + args + ["--host", "127.0.0.1"], {**env, "MSERVE_DRAIN_TIMEOUT": "20"}
+    return cli + args + ["--host", "127.0.0.1"], {**env, "MSERVE_DRAIN_TIMEOUT": "20",
+                                                  "MSERVE_DRAIN_GRACE": "0.5"}
 
 
 @pytest.fixture
@@ -171,3 +175,149 @@ def test_sigterm_drains_a_request_in_flight_then_exits_0(shared, tmp_path, servi
         httpx.get(served.url + "/v2/health/live", timeout=2)
     assert "stopping: signal" in served.log.read_text()
     shared.ok("undeploy", "kserve_slow")
+
+
+class Routed:
+    """Traffic as a Service's endpoints send it: clients keep sending (one on a keep-alive
+    connection, one on a new connection per request) while a probe polls readiness; once the
+    probe reads not ready, sending goes on for ``lag`` seconds more (the endpoints taking
+    that long to drop the pod) and stops. ``refused`` lists what failed of what was sent."""
+
+    def __init__(self, url: str, path: str, body: dict, lag: float = 1.0):
+        self.url, self.path, self.body, self.lag = url, path, body, lag
+        self.sent = self.ok = 0
+        self.refused: list[str] = []
+        self.not_ready_at: float | None = None  # monotonic time the probe first read 503
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._probe, daemon=True)] + [
+            threading.Thread(target=self._send, args=(keep,), daemon=True)
+            for keep in (True, False)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        wait_for(lambda: self.ok >= 20, timeout=30, what="traffic flowing")
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def routed(self) -> bool:
+        return self.not_ready_at is None or time.monotonic() < self.not_ready_at + self.lag
+
+    def wait_unrouted(self, timeout: float = 30) -> None:
+        try:
+            wait_for(lambda: not self.routed(), timeout=timeout, what="readiness to turn off")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; meanwhile {len(self.refused)} of {self.sent} "
+                                 f"requests refused: {self.refused[-1:]}") from None
+        finally:
+            self._stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+    def _probe(self) -> None:
+        while not self._stop.is_set() and self.not_ready_at is None:
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=5).status_code == 503:
+                    self.not_ready_at = time.monotonic()
+            except httpx.TransportError:
+                pass  # a probe that fails counts as not ready only once it answers 503
+            time.sleep(0.1)
+
+    def _send(self, keep_alive: bool) -> None:
+        client = httpx.Client(timeout=30) if keep_alive else None
+        while not self._stop.is_set() and self.routed():
+            try:
+                if client is not None:
+                    r = client.post(self.url + self.path, json=self.body)
+                else:
+                    r = httpx.post(self.url + self.path, json=self.body, timeout=30)
+                outcome = None if r.status_code == 200 else f"{r.status_code} {r.text[:80]}"
+            except httpx.HTTPError as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self.sent += 1
+                if outcome is None:
+                    self.ok += 1
+                else:
+                    self.refused.append(outcome)
+            time.sleep(0.01)
+        if client is not None:
+            client.close()
+
+
+def refuses(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except OSError:
+        return True
+
+
+def grpc_health(port: int) -> int:
+    import grpc
+
+    from mserve.daemon.worker.proto import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+
+AFFINE_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                           "data": [1, 2, 3, 4]}]}
+
+
+def test_sigterm_turns_ready_off_and_serves_through_the_grace(tmp_path, serving):
+    from mserve.daemon.worker.proto import health_pb2
+
+    model = models.affine(tmp_path / "graceful" / "model.onnx", scale=2.0)
+    port, grpc_port = free_ports(2)
+    grace = 3.0
+    served = serving([sys.executable, "-m", "mserve.cli.main", "serve", str(model.parent),
+                      "--host", "127.0.0.1", "--port", str(port), "--grpc-port",
+                      str(grpc_port)], port, tmp_path / "serve.log",
+                     {"MSERVE_DRAIN_GRACE": str(grace)})
+    wait_for(served.ready, timeout=60, what="mserve serve ready")
+    assert grpc_health(grpc_port) == health_pb2.HealthCheckResponse.SERVING
+    with Routed(served.url, "/v2/models/graceful/infer", AFFINE_BODY) as traffic:
+        sigterm = time.monotonic()
+        served.proc.send_signal(signal.SIGTERM)
+        traffic.wait_unrouted()
+        # still within the grace: not ready, live, and serving new connections over both
+        assert time.monotonic() - sigterm < grace
+        assert httpx.get(served.url + "/v2/health/ready").status_code == 503
+        assert httpx.get(served.url + "/v2/health/live").status_code == 200
+        r = httpx.post(served.url + "/v2/models/graceful/infer", json=AFFINE_BODY)
+        assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2, 4, 6, 8]
+        assert r.headers["connection"] == "close"  # keep-alive clients reconnect elsewhere
+        assert grpc_health(grpc_port) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert traffic.refused == [], (f"{len(traffic.refused)} of {traffic.sent} routed requests "
+                                   f"refused: {traffic.refused[:3]}")
+    assert traffic.ok > 20
+    wait_for(lambda: refuses(port), timeout=grace + 10, what="the port to close")
+    assert time.monotonic() - sigterm >= grace - 0.2
+    assert served.proc.wait(timeout=30) == 0
+    log = served.log.read_text()
+    assert "not ready; serving 3 s more" in log and "stopping: signal" in log
+
+
+def test_a_second_sigterm_skips_the_rest_of_the_grace(tmp_path, serving):
+    model = models.affine(tmp_path / "impatient" / "model.onnx")
+    port, grpc_port = free_ports(2)
+    served = serving([sys.executable, "-m", "mserve.cli.main", "serve", str(model.parent),
+                      "--host", "127.0.0.1", "--port", str(port), "--grpc-port",
+                      str(grpc_port), "--drain-grace", "60"], port, tmp_path / "serve.log",
+                     {"MSERVE_DRAIN_GRACE": "0"})  # the option wins over the variable
+    wait_for(served.ready, timeout=60, what="mserve serve ready")
+    served.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(served.url + "/v2/health/ready").status_code == 503,
+             what="readiness to turn off")
+    assert httpx.get(served.url + "/v2/health/live").status_code == 200
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=15) == 0
+    assert "not ready; serving 60 s more" in served.log.read_text()

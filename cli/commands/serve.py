@@ -60,12 +60,19 @@ def serve(
         help="Serve HTTPS with this PEM certificate.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(
         help="The PEM private key of --tls-cert.")] = None,
+    drain_grace: Annotated[float, typer.Option(
+        min=0, envvar="MSERVE_DRAIN_GRACE",
+        help="On SIGTERM, answer not ready at once but go on serving this long, so that "
+             "load balancers (a Service's endpoints) stop sending first; then drain. "
+             "0: drain at once.")] = 5.0,
 ) -> None:
     """Serve one model in the foreground, without the daemon (the container entrypoint).
 
     Ready (GET /v2/health/ready) only once the model is loaded and warmed up.
 
-    SIGTERM or Ctrl-C drains in-flight requests (MSERVE_DRAIN_TIMEOUT s) and exits 0.
+    SIGTERM turns readiness off (HTTP and gRPC health; live stays 200) and keeps serving
+    for --drain-grace seconds; then the ports close and in-flight requests get up to
+    MSERVE_DRAIN_TIMEOUT s (30) to finish; exit 0. Ctrl-C, or a second SIGTERM, skips the grace.
 
     Example: mserve serve /mnt/models --port 8080 --name iris
     """
@@ -93,6 +100,7 @@ def serve(
               "token_hash": hash_token(token),
               "options": options, "bind_retry_s": 0,
               "drain_s": float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30")),
+              "drain_grace_s": drain_grace,
               "versions": [{"number": number, "path": str(model.absolute()), "active": True}]}
     # Until the worker installs its own handlers, SIGTERM stops a long load at once (a
     # container's PID 1 would otherwise ignore it).

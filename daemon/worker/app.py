@@ -47,6 +47,7 @@ class Serving:
         self.models: dict[int, LoadedModel] = {}
         self.batchers: dict[int, Batcher] = {}
         self.active: int | None = None
+        self.leaving = False  # mserve serve's SIGTERM grace: not ready, still serving
         self.traffic: list[tuple[int, int]] | None = None  # (cumulative percent, version)
         self.labels: dict[str, int] = {}
         self.sticky: str | None = None  # header name, lower case

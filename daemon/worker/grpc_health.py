@@ -1,10 +1,11 @@
 """The standard gRPC health service (``grpc.health.v1.Health``) on a deployment's gRPC port,
 as grpc_health_probe, Kubernetes gRPC probes and load balancers ask it.
 
-SERVING while the active version is loaded and the worker is not draining, NOT_SERVING from
-the moment it starts draining (``GrpcServer.stop``), the last status a ``Watch`` sends before
-it ends. The port answers during the whole drain, so a probe reads NOT_SERVING rather than a
-refused connection. The services known are the whole server (""), the deployment's name and
+SERVING while the active version is loaded and the worker is not leaving, NOT_SERVING from
+the moment it starts leaving: a SIGTERM's grace (main.Grace, inference still served) or the
+drain (``GrpcServer.stop``); that is the last status a ``Watch`` sends before it ends. The
+port answers during the whole drain, so a probe reads NOT_SERVING rather than a refused
+connection. The services known are the whole server (""), the deployment's name and
 the inference service's name; another is NOT_FOUND for ``Check`` and SERVICE_UNKNOWN for
 ``Watch``, as the protocol says. No token, like the HTTP health routes. Bytes that are not a
 HealthCheckRequest are INVALID_ARGUMENT (parsed here, not by grpcio, which would log a

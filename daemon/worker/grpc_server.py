@@ -100,7 +100,7 @@ class Servicer:
             stream.drain()
 
     def ready(self) -> bool:
-        return self.s.active is not None and not self.draining
+        return self.s.active is not None and not self.draining and not self.s.leaving
 
     async def server_live(self, request, context, headers):
         return pb.ServerLiveResponse(live=True)

@@ -20,8 +20,10 @@ A small body is decoded on the event loop, the rest of a large one in a thread; 
 no Content-Encoding costs nothing more. Answers of 200 are compressed when the request's
 ``Accept-Encoding`` asks for gzip or deflate and they are at least ``MIN_COMPRESS`` bytes.
 
-``drain`` stops listening, closes idle connections at once and gives those with a request in
-progress up to the drain time to answer it before they are cut.
+While ``leaving`` (a shutdown's grace, before the drain) every answer carries
+``Connection: close``, so keep-alive clients reconnect, to another replica once their load
+balancer has dropped this one. ``drain`` stops listening, closes idle connections at once and
+gives those with a request in progress up to the drain time to answer it before they are cut.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class HttpServer:
         self.pending = 0  # requests read and not answered yet, over all connections
         self.server: asyncio.AbstractServer | None = None
         self.draining = False
+        self.leaving = False  # a shutdown's grace (main.Grace): serve, but close after answers
 
     async def start(self, sock) -> None:
         loop = asyncio.get_running_loop()
@@ -302,7 +305,7 @@ class Connection(Guarded, asyncio.Protocol):
                     self._release(size)
         else:
             (status, headers, body), keep = item, False
-        keep = keep and not self.server.draining
+        keep = keep and not (self.server.draining or self.server.leaving)
         if self.transport.is_closing():
             return False
         for chunk in encode(status, headers, body, close=not keep, head=head):

@@ -9,7 +9,7 @@ started it: when that daemon dies, it keeps serving and a new daemon adopts it.
 
 With ``"standalone": true`` in the config (``mserve serve``, the container entrypoint) there
 is no daemon: no control channel, events are lines on stderr, and SIGTERM/SIGINT drain and
-exit 0.
+exit 0. SIGTERM first turns readiness off for ``drain_grace_s`` while serving on (``Grace``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,38 @@ from mserve.daemon.worker.lifecycle import LogRotation, Record, StartDeadline
 
 log = logging.getLogger("mserve.worker")
 EXIT_BIND, EXIT_LOAD = 3, 4
+
+
+class Grace:
+    """SIGTERM's first step when nobody routes for us (``mserve serve``, a pod being stopped):
+    answer not ready at once (HTTP ``/v2/health/ready`` 503, gRPC health NOT_SERVING; live
+    stays 200) while serving everything as before, new connections included, for ``seconds``,
+    so that what sends us traffic (a Service's endpoints, a load balancer's probes) lets go
+    first; answers carry ``Connection: close`` meanwhile, so keep-alive clients reconnect
+    elsewhere. Then ``Control.stop``: stop listening, drain. SIGINT, a second SIGTERM or a
+    grace of 0 (a daemon's worker: its daemon stops routing to it itself) stop at once."""
+
+    def __init__(self, control: Control, seconds: float):
+        self.control, self.seconds = control, seconds
+        self.timer: asyncio.TimerHandle | None = None
+
+    def begin(self, why: str) -> None:
+        if self.seconds <= 0 or self.timer is not None:
+            self.stop(why)
+            return
+        log.info("%s: not ready; serving %g s more, then draining (--drain-grace)", why,
+                 self.seconds)
+        self.control.serving.leaving = True
+        if self.control.http is not None:
+            self.control.http.leaving = True
+        if self.control.grpc is not None:
+            self.control.grpc.health.drain()
+        self.timer = asyncio.get_running_loop().call_later(self.seconds, self.stop, why)
+
+    def stop(self, why: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.control.stop(why)
 
 
 class Channel:
@@ -135,8 +167,9 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
     serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
     control = Control(serving, config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, control.stop, f"signal {sig}")
+    grace = Grace(control, config.get("drain_grace_s") or 0)
+    loop.add_signal_handler(signal.SIGTERM, grace.begin, f"signal {signal.SIGTERM}")
+    loop.add_signal_handler(signal.SIGINT, grace.stop, f"signal {signal.SIGINT}")
     if grpc_port := config["options"].get("grpc_port"):
         from mserve.daemon.worker.grpc_server import start_grpc
 

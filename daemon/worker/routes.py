@@ -80,6 +80,8 @@ def get(s: Serving, path: str):
     if path == "/v2/health/ready":
         if s.active is None:
             raise Unavailable("no version is loaded yet")
+        if s.leaving:  # set by main.Grace on SIGTERM; serving goes on
+            raise Unavailable(f"'{s.name}' is shutting down: send new traffic elsewhere")
         return _json({"ready": True})
     if path == "/v2":
         return _json(SERVER_METADATA)
