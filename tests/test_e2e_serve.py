@@ -61,20 +61,25 @@ class Served:
             self.proc.wait()
 
 
+IMAGE = "registry.example.com/ml/mserve:0.1.0"
+
+
 def pod_command(shared, name: str, artifact: Path, *export_args: str) -> tuple[list, dict]:
     """Export NAME with --artifact, then the command line and environment its pod would run:
     the runtime's command and args with the InferenceService's args appended, /mnt/models
     being the artifact folder, on free ports."""
     import yaml
 
-    out = shared.ok("export", "kserve", name, "--artifact", artifact, *export_args).stdout
+    out = shared.ok("export", "kserve", name, "--artifact", artifact, "--image", IMAGE,
+                    *export_args).stdout
     runtime, isvc = list(yaml.safe_load_all(out))
     container = runtime["spec"]["containers"][0]
     model = isvc["spec"]["predictor"]["model"]
     port, grpc_port = free_ports(2)
     ports = {"8080": str(port), "8081": str(grpc_port)}
     command = [str(artifact) if a == "/mnt/models" else a for a in container["command"]]
-    args = [ports.get(a, a) for a in container["args"]] + model["args"]
+    args = [ports.get(a, a).replace("{{.Name}}", name) for a in container["args"]] + \
+        model["args"]  # KServe fills in {{.Name}}, the InferenceService's name
     env = {e["name"]: e["value"] for e in container.get("env", [])}
     if "env" in model:  # the Secret KServe would read the token from
         assert model["env"][0]["valueFrom"]["secretKeyRef"]["key"] == "token"
@@ -147,7 +152,7 @@ def test_serve_reads_the_triton_layout(shared, affine_v1, tmp_path, serving):
                       str(grpc_port)], port, tmp_path / "serve.log")
     wait_for(served.ready, timeout=60, what="mserve serve ready")
     assert httpx.get(served.url + "/v2/models/kserve_tri").json()["name"] == "kserve_tri"
-    err = shared.fail("export", "kserve", "kserve_tri", "--artifact", artifact)
+    err = shared.fail("export", "kserve", "kserve_tri", "--artifact", artifact, "--image", IMAGE)
     assert "not an empty folder" in err
     shared.ok("undeploy", "kserve_tri")
 

@@ -17,6 +17,7 @@ from mserve.cli.commands.serve import locate
 from mserve.daemon.errors import BadRequest
 from tests import models
 from tests.conftest import CLI
+from tests.test_e2e_kserve_apiserver import merged_pod, pod_problems, quantity
 
 ROOT = Path(__file__).parent.parent
 CRDS = ROOT.parent / "shared" / "kserve-crds"
@@ -104,11 +105,17 @@ TARGETS = {
                           namespace="ml-prod", min_replicas=0, max_replicas=5),
     "triton-replicas": ks.Target(image="unused", storage_uri="s3://m/recs", runtime="triton",
                                  namespace="ml", min_replicas=2, max_replicas=2),
+    "standard": ks.Target(image="registry.example.com/mserve:0.1.0",
+                          storage_uri="s3://models/recs/v2", mode="standard"),
+    "triton-standard": ks.Target(image="unused", storage_uri="s3://m/recs", runtime="triton",
+                                 mode="standard"),
 }
+# The daemon's split (GET /v1/deployments/NAME/traffic), version 2 a canary at 10%.
+SPLIT = [{"version": 1, "percent": 90, "requests": 0}, {"version": 2, "percent": 10}]
 DEPLOYMENTS = {
     "plain": deployment(),
     "token": deployment(auth=True),
-    "canary": deployment(traffic={"1": 90, "2": 10}),
+    "canary": deployment(),
     "gpu": deployment(device="cuda", options={"device": "cuda", "instances": 1}),
     "defaults": deployment(name="iris", options={"device": "auto", "max_batch_size": None,
                                                  "batch_delay_ms": None, "max_queue": None,
@@ -119,7 +126,13 @@ DEPLOYMENTS = {
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("case", DEPLOYMENTS)
 def test_every_manifest_is_valid_for_kserve(schemas, case, target):
-    docs = ks.manifests(DEPLOYMENTS[case], VERSION, TARGETS[target], rss_bytes=90 * 2**20)
+    split = SPLIT if case == "canary" else None
+    if split and TARGETS[target].mode == "standard":
+        with pytest.raises(BadRequest, match="Standard mode ignores canaryTrafficPercent"):
+            ks.manifests(DEPLOYMENTS[case], VERSION, TARGETS[target], traffic=split)
+        return
+    docs = ks.manifests(DEPLOYMENTS[case], VERSION, TARGETS[target], rss_bytes=90 * 2**20,
+                        traffic=split)
     assert [d["kind"] for d in docs] == (["InferenceService"] if "triton" in target
                                          else ["ServingRuntime", "InferenceService"])
     for doc in docs:
@@ -127,31 +140,103 @@ def test_every_manifest_is_valid_for_kserve(schemas, case, target):
     yaml = pytest.importorskip("yaml")
     text = yaml.safe_dump_all(docs)
     assert list(yaml.safe_load_all(text)) == docs
+    # The Pod KServe would build: valid resources, Pod Security "restricted", and
+    # prometheus.io/port where /metrics is.
+    pod = merged_pod(docs[-1], None if "triton" in target else docs[0])
+    assert pod_problems(pod) == []
+    want = "8002" if "triton" in target else "8080"
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == want
 
 
-def _isvc(d: dict, target: str = "mserve") -> dict:
-    return ks.manifests(d, VERSION, TARGETS[target])[-1]
+def _isvc(d: dict, target: str = "mserve", traffic=None) -> dict:
+    return ks.manifests(d, VERSION, TARGETS[target], traffic=traffic)[-1]
 
 
-def test_the_runtime_runs_mserve_serve_with_both_protocols():
+def test_the_runtime_runs_mserve_serve():
     runtime = ks.manifests(deployment(), VERSION, TARGETS["mserve"])[0]
     spec = runtime["spec"]
-    assert spec["protocolVersions"] == ["v2", "grpc-v2"]
+    assert spec["protocolVersions"] == ["v2"]  # Serverless: Knative routes one port
     assert spec["supportedModelFormats"][0]["name"] == "onnx"
     (container,) = spec["containers"]
     assert container["image"] == "registry.example.com/mserve:0.1.0"
     assert container["command"] + container["args"] == [
-        "mserve", "serve", "/mnt/models", "--port", "8080", "--grpc-port", "8081"]
+        "mserve", "serve", "/mnt/models", "--port", "8080", "--grpc-port", "8081",
+        "--name", "{{.Name}}"]
+    assert [p["name"] for p in container["ports"]] == ["http1"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert spec["annotations"]["prometheus.kserve.io/path"] == "/metrics"
     assert spec["annotations"]["prometheus.io/port"] == "8080"
+
+
+def test_standard_mode_declares_grpc_as_h2c():
+    runtime, isvc = ks.manifests(deployment(), VERSION, TARGETS["standard"])
+    ports = runtime["spec"]["containers"][0]["ports"]
+    assert [(p["name"], p["containerPort"]) for p in ports] == [("http1", 8080), ("h2c", 8081)]
+    assert runtime["spec"]["protocolVersions"] == ["v2", "grpc-v2"]
+    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == \
+        "RawDeployment"
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    serverless = ks.manifests(deployment(), VERSION, TARGETS["mserve"])
+    assert serverless[1]["metadata"]["annotations"][
+        "serving.kserve.io/deploymentMode"] == "Serverless"
+    assert serverless[0]["metadata"]["name"] != runtime["metadata"]["name"]
+
+
+def test_one_serving_runtime_per_image():
+    names = {image: ks.runtime_name(image, grpc=False) for image in (
+        "registry.example.com/ml/mserve:0.1.0", "registry.example.com/ml/mserve:0.2.0",
+        "other.example.com/ml/mserve:0.1.0", "registry.example.com/ml/mserve:0.1.0-gpu",
+        "r.example.com/mserve@sha256:" + "ab" * 32, "localhost:5000/mserve")}
+    assert len(set(names.values())) == len(names)
+    assert names["registry.example.com/ml/mserve:0.1.0"].startswith("mserve-0-1-0-")
+    assert names["localhost:5000/mserve"].startswith("mserve-latest-")
+    for name in names.values():
+        assert DNS_1123.fullmatch(name) and len(name) <= 63, name
+    a = ks.Target(image="registry.example.com/ml/mserve:0.1.0", storage_uri="s3://x")
+    b = ks.Target(image="registry.example.com/ml/mserve:0.2.0", storage_uri="s3://y")
+    first, second = (ks.manifests(deployment(), VERSION, t) for t in (a, b))
+    assert first[0]["metadata"]["name"] != second[0]["metadata"]["name"]
+    assert first[1]["spec"]["predictor"]["model"]["runtime"] == first[0]["metadata"]["name"]
+
+
+def test_the_pod_serves_the_model_under_its_name():
+    runtime, isvc = ks.manifests(DEPLOYMENTS["defaults"], VERSION, TARGETS["mserve"])
+    args = merged_pod(isvc, runtime)["spec"]["containers"][0]["args"]
+    assert args == ["--port", "8080", "--grpc-port", "8081", "--name", "iris",
+                    "--name", "iris"]  # the last --name wins: the deployment's own name
+
+
+def test_metrics_annotations_survive_kserve_s_mutator():
+    for target in ("mserve", "standard", "triton"):
+        isvc = _isvc(deployment(), target)
+        assert isvc["metadata"]["annotations"][
+            "serving.kserve.io/enable-prometheus-scraping"] == "false"
+    triton = merged_pod(_isvc(deployment(), "triton"))
+    assert triton["metadata"]["annotations"]["prometheus.io/port"] == "8002"
+    # What the mutator would do with scraping on: the port no longer where /metrics is.
+    on = _isvc(deployment())
+    on["metadata"]["annotations"]["serving.kserve.io/enable-prometheus-scraping"] = "true"
+    runtime = ks.manifests(deployment(), VERSION, TARGETS["mserve"])[0]
+    assert merged_pod(on, runtime)["metadata"]["annotations"]["prometheus.io/port"] == "9091"
+
+
+@pytest.mark.parametrize("instances", [1, 2, 4])
+def test_triton_with_instances_makes_a_valid_pod(instances):
+    d = deployment(options={**deployment()["options"], "instances": instances})
+    pod = merged_pod(_isvc(d, "triton"))
+    assert pod_problems(pod) == []
+    res = pod["spec"]["containers"][0]["resources"]
+    assert res["requests"]["cpu"] == res["limits"]["cpu"] == str(instances)
+    assert quantity(res["requests"]["memory"]) >= 2 * 2**30  # never below Triton's 2Gi
+    assert quantity(res["limits"]["memory"]) >= 2 * 2**30
 
 
 def test_the_inference_service_carries_the_deployment_over():
     isvc = _isvc(deployment())
     assert isvc["metadata"]["name"] == "recs-v2-x"
     model = isvc["spec"]["predictor"]["model"]
-    assert model["runtime"] == "mserve" and model["protocolVersion"] == "v2"
+    assert model["runtime"].startswith("mserve-0-1-0-") and model["protocolVersion"] == "v2"
     assert model["storageUri"] == "s3://models/recs/v2"
     assert model["args"] == ["--name", "recs_v2.x", "--max-batch-size", "16",
                              "--batch-delay-ms", "2.5", "--max-queue", "256",
@@ -180,9 +265,8 @@ def test_replicas_namespace_and_gpu():
     assert (isvc["spec"]["predictor"]["minReplicas"],
             isvc["spec"]["predictor"]["maxReplicas"]) == (0, 5)
     docs = ks.manifests(DEPLOYMENTS["gpu"], VERSION, TARGETS["mserve"])
-    assert docs[0]["metadata"]["name"] == "mserve-gpu"
     model = docs[1]["spec"]["predictor"]["model"]
-    assert model["runtime"] == "mserve-gpu"
+    assert model["runtime"] == docs[0]["metadata"]["name"]
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--device" in model["args"]
     with pytest.raises(BadRequest, match="above --max-replicas"):
@@ -191,19 +275,47 @@ def test_replicas_namespace_and_gpu():
 
 
 def test_a_canary_split_becomes_canary_traffic_percent():
-    isvc = _isvc(deployment(traffic={"1": 90, "2": 10}))
+    isvc = _isvc(deployment(), traffic=SPLIT)
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10
-    triton = _isvc(deployment(traffic={1: 75, 2: 25}), "triton")
+    triton = _isvc(deployment(), "triton", traffic={1: 75, 2: 25})
     assert triton["spec"]["predictor"]["canaryTrafficPercent"] == 25
     # The split names a newer version than the one exported: not this manifest's canary.
-    assert "canaryTrafficPercent" not in _isvc(deployment(traffic={"2": 90, "3": 10}))[
+    assert "canaryTrafficPercent" not in _isvc(deployment(), traffic={"2": 90, "3": 10})[
         "spec"]["predictor"]
+    # Standard mode would ignore it: refused, but the stable version exports.
+    with pytest.raises(BadRequest, match="canary"):
+        _isvc(deployment(), "standard", traffic=SPLIT)
+    stable = ks.manifests(deployment(), {**VERSION, "version": 1}, TARGETS["standard"],
+                          traffic=SPLIT)[-1]
+    assert "canaryTrafficPercent" not in stable["spec"]["predictor"]
+
+
+@pytest.mark.parametrize("image, registry", [
+    ("registry.example.com/ml/mserve:0.1.0", True), ("localhost:5000/mserve", True),
+    ("localhost/mserve:dev", True), ("mserve:0.1.0", False), ("ml/mserve:1", False),
+])
+def test_an_image_without_a_registry_is_warned_about(image, registry):
+    assert ks.has_registry(image) is registry
+    target = ks.Target(image=image, storage_uri="s3://x")
+    assert any("names no registry" in n for n in ks.notes(deployment(), target)) is not registry
+
+
+def test_notes_say_what_a_mode_or_a_token_does_not_do():
+    standard = ks.Target(image="r.example/m:1", storage_uri="s3://x", mode="standard",
+                         min_replicas=0)
+    assert any("does not scale to zero" in n for n in ks.notes(deployment(), standard))
+    assert any("/metrics wants the token" in n
+               for n in ks.notes(deployment(auth=True), TARGETS["mserve"]))
+    with pytest.raises(BadRequest, match="unknown mode"):
+        ks.manifests(deployment(), VERSION, ks.Target("r.example/m:1", "s3://x", mode="raw"))
 
 
 @pytest.mark.parametrize("traffic, expected", [
     ({"1": 90, "2": 10}, (2, 10)), ({3: 50, 4: 50.4}, (4, 50)), ({"1": 100}, None),
     ({"1": 100, "2": 0}, None), (None, None), ([1, 2], None), ({"x": 1, "2": "y"}, None),
     ({"1": 30, "2": 30, "5": 40}, (5, 40)),
+    ([{"version": 1, "percent": 80}, {"version": 2, "percent": 20}], (2, 20)),
+    ([{"version": 1, "percent": 100}], None), ([{"x": 1}, 3], None),
 ])
 def test_canary_reads_a_split_defensively(traffic, expected):
     assert ks.canary(traffic) == expected
@@ -239,14 +351,14 @@ def test_the_export_of_a_real_deployment_is_valid(schemas, shared, affine_v1, tm
     shared.json("deploy", affine_v1, "--name", f"exp-{runtime}", "--max-batch-size", "4",
                 "--token", "secret-token")
     out = shared.ok("export", "kserve", f"exp-{runtime}", "--runtime", runtime,
-                    "--max-replicas", "3", "--namespace", "ml")
+                    "--max-replicas", "3", "--namespace", "ml", "--image", "r.example/m:1")
     docs = list(yaml.safe_load_all(out.stdout))
     assert docs and all(d["metadata"]["namespace"] == "ml" for d in docs)
     for doc in docs:
         validate(doc, schemas)
     assert "secret-token" not in out.stdout + out.stderr
     as_json = shared.json("export", "kserve", f"exp-{runtime}", "--runtime", runtime,
-                          "--max-replicas", "3", "--namespace", "ml")
+                          "--max-replicas", "3", "--namespace", "ml", "--image", "r.example/m:1")
     assert as_json["kind"] == "List" and as_json["items"] == docs
     shared.ok("undeploy", f"exp-{runtime}")
 
@@ -311,7 +423,9 @@ def test_the_dockerfile_runs_mserve_serve_as_a_user():
     assert 'ENTRYPOINT ["mserve", "serve", "/mnt/models"]' in text
     users = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert users and not users[-1].startswith(("root", "0"))
-    assert re.search(r"^ARG VARIANT=cpu$", text, re.MULTILINE)
-    assert "FROM base-${VARIANT}" in text
+    # Offline builds: no frontend image to fetch, and no stage chosen through an ARG
+    # (Docker's classic builder and buildah 1.28 cannot resolve one).
+    assert not re.search(r"^# *syntax=", text, re.MULTILINE)
+    assert not re.search(r"^FROM \S*\$\{?VARIANT", text, re.MULTILINE)
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in lines and {"!pyproject.toml", "!cli/", "!daemon/", "!docker/"} <= set(lines)

@@ -25,12 +25,24 @@ class Runtime(str, Enum):
     triton = "triton"
 
 
+class Mode(str, Enum):
+    serverless = "serverless"
+    standard = "standard"
+
+
 @app.command("kserve")
 def kserve(
     name: Annotated[str, typer.Argument(help="Deployment name.", show_default=False)],
     image: Annotated[Optional[str], typer.Option(
-        help="The mserve image your cluster pulls (default mserve:VERSION, or "
-             "mserve:VERSION-gpu for a deployment on CUDA); see docs/kubernetes.md.")] = None,
+        help="The mserve image your cluster pulls, with its registry "
+             "(REGISTRY/PATH:TAG; needed for --runtime mserve); see docs/kubernetes.md.",
+        show_default=False)] = None,
+    version_number: Annotated[Optional[int], typer.Option(
+        "--version", min=1, help="The version to export (default: the canary during a "
+                                 "canary, else the active version).")] = None,
+    mode: Annotated[Mode, typer.Option(
+        help="KServe's deployment mode: serverless (Knative: canaryTrafficPercent, HTTP "
+             "only) or standard (RawDeployment: HTTP and gRPC, no canary).")] = Mode.serverless,
     storage_uri: Annotated[Optional[str], typer.Option(
         help="Where you upload the --artifact folder: s3://, gs://, pvc://, https://... "
              "(default pvc://mserve-models/NAME/vVERSION).")] = None,
@@ -53,28 +65,34 @@ def kserve(
 
     Carries over batching options, resources, the token's Secret and a canary split.
 
+    Serverless mode exports a canary; Standard mode refuses one and declares gRPC.
+
     The token itself never appears in the output.
 
-    Example: mserve export kserve iris --artifact ./iris-kserve --storage-uri s3://bucket/iris
+    Example: mserve export kserve iris --image registry.example.com/ml/mserve:0.1.0 -o i.yaml
     """
-    from importlib.metadata import version as dist_version
-
     from mserve.cli import kserve as ks
+    from mserve.cli.render import BadUsage
 
+    if runtime is Runtime.mserve and not image:
+        raise BadUsage("--image is needed for the mserve runtime: the image in a registry "
+                       "your cluster pulls from", hint="e.g. --image registry.example.com/"
+                       "ml/mserve:0.1.0 (docs/kubernetes.md builds and pushes it)")
     client = autostart.client()
     d = client.deployment(name, detail=True)
-    split = ks.canary(d.get("traffic"))
-    number = split[0] if split else d["version"]
+    split = client.traffic(name).get("split")
+    newest = ks.canary(split)
+    number = version_number or (newest[0] if newest else d["version"])
     version = next((v for v in client.versions(name) if v["version"] == number), None)
     if version is None:
         raise NotFound(f"version {number} of '{name}' not found")
-    gpu = ks.uses_gpu(d)
     target = ks.Target(
-        image=image or f"mserve:{dist_version('mserve')}{'-gpu' if gpu else ''}",
+        image=image or "unused",
         storage_uri=storage_uri or f"pvc://mserve-models/{ks.k8s_name(name)}/v{number}",
         runtime=runtime.value, namespace=namespace, min_replicas=min_replicas,
-        max_replicas=max_replicas)
-    docs = ks.manifests(d, version, target, (d.get("live") or {}).get("rss_bytes"))
+        max_replicas=max_replicas, mode=mode.value)
+    docs = ks.manifests(d, version, target, (d.get("live") or {}).get("rss_bytes"),
+                        traffic=split)
     notes = ks.notes(d, target)
     if artifact is not None:
         lay_out(client, artifact, d, version, target)
@@ -109,7 +127,8 @@ def _yaml(docs: list[dict], d: dict, version: dict, target) -> str:
     import yaml
 
     head = (f"# mserve export kserve {d['name']}: version {version['version']} "
-            f"(sha256 {version['sha256'][:12]}), runtime {target.runtime}\n"
+            f"(sha256 {version['sha256'][:12]}), runtime {target.runtime}, "
+            f"mode {target.mode}\n"
             f"# Apply with: kubectl apply -f FILE\n")
     return head + yaml.safe_dump_all(docs, sort_keys=False, explicit_start=True)
 
