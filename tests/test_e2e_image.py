@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TOOL = Path(os.environ.get("MSERVE_CONTAINER_IMAGE_TOOL",
                            ROOT.parent / "shared" / "tools" / "container-image"))
 IMAGE = "localhost/mserve:e2e"
+# What podman or docker say when the base image is not local and no registry answers.
+UNREACHABLE = re.compile(r"pinging container registry|no such host|Temporary failure in name "
+                         r"resolution|dial tcp|connection refused|i/o timeout|TLS handshake")
 
 
 def working_engine() -> str | None:
@@ -62,7 +65,11 @@ class Engine:
         done = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *target,
                                f"IMAGE={IMAGE}", f"CONTAINER_IMAGE_TOOL={self.tool}"],
                               capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        out = done.stdout[-3000:] + done.stderr[-3000:]
+        if done.returncode != 0 and self.engine and UNREACHABLE.search(out):
+            pytest.skip(f"{self.engine} cannot pull the base image (no registry reachable) and "
+                        f"the offline tool {TOOL} is not here")
+        assert done.returncode == 0, out
         return time.monotonic() - started
 
     def run(self, model: Path, options: list[str], args: list[str]) -> str:
