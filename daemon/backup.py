@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mserve.daemon.errors import Conflict, MserveError
+from mserve.daemon.store import fsync_path
 
 log = logging.getLogger("mserve.daemon")
 KEEP = 5
@@ -93,10 +94,10 @@ def take(conn: sqlite3.Connection, home: Path, keep: int = KEEP) -> Path | None:
         with contextlib.closing(sqlite3.connect(tmp)) as copy:
             conn.backup(copy)
             copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-        _fsync(tmp)
+        fsync_path(tmp)
         final = target / f"state-{_stamp()}-{fp}.db"
         os.replace(tmp, final)
-        _fsync(target)
+        fsync_path(target)
     except (OSError, sqlite3.Error) as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -137,9 +138,9 @@ def restore(home: Path, db: Path) -> dict:
                 moved.append(current.name)
         tmp = db.with_name(f".{db.name}.restoring")
         shutil.copyfile(chosen.path, tmp)
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, db)
-        _fsync(db.parent)
+        fsync_path(db.parent)
     return {"backup": str(chosen.path), "taken": chosen.when,
             "deployments": chosen.deployments(), "replaced": str(aside) if moved else None,
             "unreferenced": _unreferenced(db, home / "models")}
@@ -182,9 +183,3 @@ def _open_read_only(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(path.as_uri() + "?mode=ro", uri=True)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

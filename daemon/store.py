@@ -84,13 +84,13 @@ class Store:
                 digests[rel], n = _copy_hashed(src, tmp / rel, advance)
                 size += n
             sha = _artifact_hash(digests, source.is_dir())
-            _fsync_dir(tmp)
+            fsync_path(tmp)
             final = self.root / sha
             if final.is_dir():
                 shutil.rmtree(tmp)
             else:
                 os.rename(tmp, final)
-                _fsync_dir(self.root)
+                fsync_path(self.root)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _store_error(exc, source) from None
@@ -239,7 +239,8 @@ def _artifact_hash(digests: dict[str, str], is_folder: bool) -> str:
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (so a rename in it is on disk)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
