@@ -57,8 +57,9 @@ async def _adopt(deployments: Deployments, d: dict, record: dict) -> bool:
     supervisor = deployments.supervisor
     try:
         described = await supervisor.adopt(name, record)
-    except MserveError as exc:
-        await end_stray(name, record, exc.message)
+    except (MserveError, KeyError, TypeError, ValueError) as exc:  # a record or answer amiss
+        supervisor.worker(name).close_link()
+        await end_stray(name, record, getattr(exc, "message", None) or f"bad record ({exc!r})")
         return False
     worker = supervisor.worker(name)
     why = mismatch(deployments, d, described)
@@ -70,7 +71,7 @@ async def _adopt(deployments: Deployments, d: dict, record: dict) -> bool:
     if why is not None:
         log.info("worker of %s (pid %s) does not match the state (%s): replacing it", name,
                  record["pid"], why)
-        await worker.kill()
+        await worker.stop(5)  # it serves: let its requests in flight finish
         _forget(record)
         return False
     supervisor.watch(worker)

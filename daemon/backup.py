@@ -91,6 +91,9 @@ def take(conn: sqlite3.Connection, home: Path, keep: int = KEEP) -> Path | None:
     try:
         fp = fingerprint(conn)
         target.mkdir(mode=0o700, exist_ok=True)
+        newest = backups(home)
+        if newest and newest[0].fingerprint == fp:  # the same deployments and versions
+            return newest[0].path
         with contextlib.closing(sqlite3.connect(tmp)) as copy:
             conn.backup(copy)
             copy.execute("PRAGMA journal_mode=DELETE")  # one self-contained file

@@ -117,9 +117,7 @@ def build_app(deployments: Deployments, socket_path: str, on_shutdown) -> Starle
         return JSONResponse(events)
 
     async def shutdown(request: Request):
-        body = await request.body()
-        keep = bool(json.loads(body).get("keep_serving")) if body.strip() else False
-        on_shutdown(keep_serving=keep)
+        on_shutdown(keep_serving=bool((await _body(request)).get("keep_serving")))
         return JSONResponse({"stopping": True, "pid": os.getpid()})
 
     async def error(request: Request, exc: Exception):

@@ -163,18 +163,17 @@ class Deployer:
         worker = self.d.supervisor.get(name)
         serving = worker is not None and worker.status == READY
         new = {**d, "options": options, "token_hash": token_hash}
-        if serving:
-            await worker.request("options", 10, options=options)
-            await self.d.apply(new, self.d.current_plan(new))  # token and sticky header
         try:
+            if serving:  # options, token and sticky header, all with the activate
+                await self.d.apply(new, self.d.current_plan(new))
             self.d.state.record_settings(name, options, token_hash, ", ".join(changed))
-        except sqlite3.Error as exc:
+        except (MserveError, sqlite3.Error) as exc:
             if serving:
                 with contextlib.suppress(MserveError):
-                    await worker.request("options", 10, options=d["options"])
                     await self.d.apply(d, self.d.current_plan(d))
-            raise MserveError(f"could not record the new settings ({exc}); '{name}' keeps its "
-                              "previous ones") from None
+            why = exc.message if isinstance(exc, MserveError) else f"could not record them: {exc}"
+            raise MserveError(f"the new settings of '{name}' were not applied ({why}); it keeps "
+                              "its previous ones") from None
         return changed
 
     async def _first_deploy(self, name, version, options, token_hash, req) -> None:

@@ -167,7 +167,8 @@ class Deployments:
                 await worker.request("load", load_timeout(), number=n, options=d["options"],
                                      path=str(self.store.path_of(v["sha256"])))
         await worker.request("activate", 10, number=plan.active, keep=plan.keep,
-                             route=plan.route(d), token_hash=d["token_hash"])
+                             route=plan.route(d), token_hash=d["token_hash"],
+                             options=d["options"])  # so the worker's options are the state's
         return None
 
     async def probe(self, path: str, device: str, batching: str = "auto") -> dict:
@@ -218,12 +219,11 @@ class Deployments:
             self.event(name, "restore" if restored else "restart", d["active_version"])
 
     async def _on_exit(self, name: str, reason: str) -> None:
-        self.state.add_event(name, "worker-exit", None, reason)
+        self.event(name, "worker-exit", None, reason)
 
     async def _on_hung(self, name: str, reason: str) -> None:
-        log.warning("worker of %s stopped answering (%s): killing it to restart it", name,
-                    reason)
-        self.state.add_event(name, "worker-hung", None, reason)
+        log.warning("worker of %s stopped answering (%s): killed to restart it", name, reason)
+        self.event(name, "worker-hung", None, reason)
 
     def event(self, name: str, action: str, version: int | None, detail: str = "") -> None:
         """Record an event that must not stop what it reports (a restart, an adoption):

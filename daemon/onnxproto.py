@@ -33,13 +33,14 @@ ENTRY_KEY, ENTRY_VALUE = 1, 2
 def varint(buf, pos: int) -> tuple[int, int]:
     """The varint at ``pos`` and the position after it."""
     result = shift = 0
-    while True:
+    while shift < 64:  # at most 10 bytes: a longer run is a hostile file, not a number
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
         if byte < 0x80:
             return result, pos
         shift += 7
+    raise ValueError("varint too long")
 
 
 def encode_varint(value: int) -> bytes:

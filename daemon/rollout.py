@@ -14,7 +14,7 @@ import shutil
 from mserve.daemon import state as st
 from mserve.daemon.deployments import Deployments
 from mserve.daemon.plan import Plan
-from mserve.daemon.errors import BadRequest, Conflict, NotFound
+from mserve.daemon.errors import BadRequest, Conflict, MserveError, NotFound
 
 log = logging.getLogger("mserve.daemon")
 LABEL = re.compile(r"[a-z][a-z0-9_.-]{0,62}")
@@ -171,7 +171,11 @@ class Rollouts:
         doomed = [v["number"] for v in on_disk if v["number"] not in protected][:max(0, excess)]
         if doomed:
             self.d.state.record_pruned(name, doomed)
-            self.prune()
+            try:
+                self.prune()
+            except MserveError as exc:  # the deploy succeeded; the files go at a later prune
+                log.warning("retention of %s: versions %s marked pruned, files kept: %s", name,
+                            doomed, exc.message)
         return doomed
 
     def prune(self) -> dict:

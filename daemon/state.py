@@ -145,8 +145,11 @@ class State:
         except StateWriteError:
             raise
         except sqlite3.OperationalError as exc:
-            raise StateWriteError(f"could not record the change in {self.path} ({exc}); "
-                                  "nothing was changed") from None
+            err = StateWriteError(f"could not record the change in {self.path} ({exc}); "
+                                  "nothing was changed")
+            if "locked" in str(exc) or "busy" in str(exc):
+                err.status = 503  # another writer holds it: try again, not a full disk
+            raise err from None
 
     # ---- reads -------------------------------------------------------------------------
     def _rows(self, sql: str, params: list | tuple = ()) -> list[dict]:

@@ -156,6 +156,7 @@ class WorkerProcess:
         self.stopping = True
         self.status = STOPPED
         if self.pid is None:
+            self.close_link()
             return
         waiter = self.exited()
         self.signal(signal.SIGTERM)
@@ -263,9 +264,9 @@ class Supervisor:
                         problem)
             if failures >= healthcheck.failures_allowed():
                 worker.hung = problem
+                worker.signal(signal.SIGKILL)  # first: the exit watcher restarts it
                 if self.on_hung is not None:
                     await _noted(self.on_hung(worker.name, problem), "the hang of", worker.name)
-                worker.signal(signal.SIGKILL)  # the exit watcher restarts it
                 return
 
     def schedule_restart(self, worker: WorkerProcess) -> None:

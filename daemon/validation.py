@@ -21,7 +21,8 @@ async def probe(python: str, path: str, device: str, batching: str | None,
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "mserve.daemon.worker.probe", path, device, batching or "auto",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "MSERVE_PROBE_PARENT": str(os.getpid())})
+        env={**os.environ, "MSERVE_PROBE_PARENT": str(os.getpid()),
+             "MSERVE_PROBE_TIMEOUT": str(timeout)})
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:

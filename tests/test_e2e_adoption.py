@@ -282,3 +282,19 @@ def test_daemon_stop_keep_serving_hands_the_workers_to_the_next_daemon(mserve, a
     # A plain stop still stops everything.
     mserve.ok("daemon", "stop")
     wait_for(lambda: not _alive(d["pid"]), timeout=30, what="the worker to stop")
+
+
+def test_a_worker_whose_sticky_header_changed_is_still_adopted(mserve, affine_v1, affine_v2):
+    """The options the worker holds follow every change (here `traffic --sticky-header`), so
+    a restarting daemon finds it matching the state instead of replacing it."""
+    mserve.env["MSERVE_NO_AUTOSTART"] = "1"
+    mserve.ok("daemon", "start")
+    mserve.json("deploy", affine_v1, "--name", "sticky")
+    d = mserve.json("deploy", affine_v2, "--name", "sticky")["deployment"]
+    mserve.json("traffic", "sticky", "1=50", "2=50", "--sticky-header", "X-User")
+    daemon = mserve.daemon_pid()
+    os.kill(daemon, signal.SIGKILL)
+    wait_for(lambda: not _alive(daemon), what="the daemon to die")
+    mserve.ok("daemon", "start")
+    assert mserve.deployment("sticky")["pid"] == d["pid"], daemon_log(mserve)[-2000:]
+    assert "does not match" not in daemon_log(mserve)

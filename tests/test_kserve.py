@@ -214,11 +214,6 @@ def test_metrics_annotations_survive_kserve_s_mutator():
             "serving.kserve.io/enable-prometheus-scraping"] == "false"
     triton = merged_pod(_isvc(deployment(), "triton"))
     assert triton["metadata"]["annotations"]["prometheus.io/port"] == "8002"
-    # What the mutator would do with scraping on: the port no longer where /metrics is.
-    on = _isvc(deployment())
-    on["metadata"]["annotations"]["serving.kserve.io/enable-prometheus-scraping"] = "true"
-    runtime = ks.manifests(deployment(), VERSION, TARGETS["mserve"])[0]
-    assert merged_pod(on, runtime)["metadata"]["annotations"]["prometheus.io/port"] == "9091"
 
 
 @pytest.mark.parametrize("instances", [1, 2, 4])

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -97,7 +98,11 @@ def deploy(
     """
     if name is not None and (problem := check_name(name)):
         raise BadUsage(problem)
+    from_env = token is None and token_file is None and bool(os.environ.get(tokens.ENV))
     token = tokens.resolve(token, token_file)
+    if from_env:
+        # the same variable is predict's credential: say when a deploy takes it as its token
+        sys.stderr.write(f"Note: the deployment's token is the one in {tokens.ENV}\n")
     if (tls_cert is None) != (tls_key is None):
         raise MserveError("--tls-cert and --tls-key go together")
     if host and host not in LOOPBACK and not token:

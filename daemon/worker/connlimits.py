@@ -18,6 +18,7 @@ seconds with counts, as it does for accept errors (EMFILE) under the plain async
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import logging
@@ -204,6 +205,10 @@ class Guarded:
     def _close(self) -> None:
         self.crowd.put(self, None)
         self.transport.close()
+        if self.transport.get_write_buffer_size():
+            # close() waits, without end, for a client that never reads its answer; the
+            # descriptor (and a place under the cap) must come back anyway
+            asyncio.get_running_loop().call_later(LINGER_S, self.transport.abort)
 
     # ---- time --------------------------------------------------------------------------
     def _place(self) -> None:

@@ -94,6 +94,8 @@ class Control:
             self.serving.add(model)
             return {"meta": model.meta()}
         if op == "activate":
+            if "options" in msg:
+                await self.apply_options({**self.serving.options, **msg["options"]})
             if "token_hash" in msg:
                 self.serving.token_hash = msg["token_hash"]
             self.serving.activate(msg["number"], msg.get("keep", []))

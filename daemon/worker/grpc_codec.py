@@ -242,6 +242,6 @@ def _raw_output(array: np.ndarray):
 def response_size(results: list[tuple[codecs.RequestedOutput, np.ndarray]]) -> int:
     """About how many bytes the answer to ``results`` takes (to choose where to encode it)."""
     size = 0
-    for _, array in results:
-        size += array.nbytes
+    for _, array in results:  # an object array's nbytes counts pointers, not its strings
+        size += array.size * 64 if array.dtype.kind in "OUS" else array.nbytes
     return size

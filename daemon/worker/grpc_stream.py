@@ -93,8 +93,8 @@ def stream_handler(servicer: Servicer) -> grpc.RpcMethodHandler:
             servicer.limits.enter(True)
         except Busy as exc:
             await context.abort(status_code(exc), exc.message)
-        stream = Stream(servicer, context)
         try:
+            stream = Stream(servicer, context)
             servicer.s.authorize(stream.headers.get("authorization"))
             if servicer.draining:
                 await context.abort(grpc.StatusCode.UNAVAILABLE,

@@ -13,7 +13,15 @@ from pathlib import Path
 from mserve.daemon import workerrecord
 
 log = logging.getLogger("mserve.worker")
-LOG_MAX_BYTES = int(os.environ.get("MSERVE_WORKER_LOG_MAX_BYTES", str(16 * 2**20)))
+LOG_MAX_BYTES = 16 * 2**20
+
+
+def log_max_bytes() -> int:
+    """``MSERVE_WORKER_LOG_MAX_BYTES``; a bad value is ignored, as for every other knob."""
+    try:
+        return max(1, int(os.environ["MSERVE_WORKER_LOG_MAX_BYTES"]))
+    except (KeyError, ValueError):
+        return LOG_MAX_BYTES
 LOG_BACKUPS = 3
 
 
@@ -62,9 +70,10 @@ class LogRotation:
     ``max_bytes`` (``MSERVE_WORKER_LOG_MAX_BYTES``, 16 MiB) it becomes ``NAME.log.1`` (older ones shift up to ``.3``) and fd 2 is
     pointed at a fresh file."""
 
-    def __init__(self, path: str | None, max_bytes: int = LOG_MAX_BYTES,
+    def __init__(self, path: str | None, max_bytes: int | None = None,
                  backups: int = LOG_BACKUPS):
-        self.path, self.max_bytes, self.backups = path, max_bytes, backups
+        self.path, self.backups = path, backups
+        self.max_bytes = max_bytes or log_max_bytes()
         self._last = 0.0
 
     def check(self) -> None:

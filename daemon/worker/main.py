@@ -231,8 +231,6 @@ def main(argv: list[str]) -> int:
     configure_logging()
     raise_fd_limit()
     record = None if standalone else Record(config)
-    if record is not None:
-        record.write(ready=False)
     deadline = StartDeadline(config.get("start_timeout_s"), EXIT_LOAD)
     try:
         code = _start_and_serve(config, channel, deadline, record)
@@ -257,6 +255,8 @@ def _start_and_serve(config: dict, channel, deadline: StartDeadline, record: Rec
             channel.send({"event": "failed",
                           "error": _bind_error(exc, config, grpc_port, "--grpc-port")})
             return EXIT_BIND
+    if record is not None:  # only once the ports are ours: never over a live worker's record
+        record.write(ready=False)
     serving = Serving(config["name"], token_hash=config.get("token_hash"),
                       options=config["options"])
     try:

@@ -30,7 +30,7 @@ def _watch(parent: int, seconds: float) -> None:
 def main(argv: list[str]) -> int:
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything ONNX Runtime prints goes to stderr, not into our answer
-    limit = float(os.environ.get("MSERVE_LOAD_TIMEOUT", "120")) + 5
+    limit = float(os.environ.get("MSERVE_PROBE_TIMEOUT") or 120) + 5  # the daemon's bound
     # The daemon names itself: it may have died before this line (getppid() is then init's).
     parent = int(os.environ.get("MSERVE_PROBE_PARENT") or os.getppid())
     threading.Thread(target=_watch, args=(parent, limit), daemon=True).start()
