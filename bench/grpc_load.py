@@ -40,6 +40,7 @@ class GrpcResult:
     p50_ms: float | None
     p99_ms: float | None
     errors: int
+    requests: int = 0  # calls answered with HTTP 200
 
 
 def ensure_h2load() -> str:
@@ -75,8 +76,12 @@ def check_answer(target: str, message: bytes, expected: np.ndarray) -> str | Non
             response = call(message, timeout=30)
     except grpc.RpcError as exc:
         return f"gRPC {exc.code().name}: {exc.details()}"
-    got = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(
-        tuple(response.outputs[0].shape))
+    shape = tuple(response.outputs[0].shape)
+    if response.raw_output_contents:
+        got = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(shape)
+    else:  # typed contents (MLServer answers this way)
+        got = np.asarray(response.outputs[0].contents.fp32_contents, dtype=np.float32)
+        got = got.reshape(shape)
     return mismatch(got, expected)
 
 
@@ -89,10 +94,11 @@ def server_failures(metrics_url: str) -> float:
 
 
 def run_h2load(h2load: str, target: str, body: Path, connections: int, seconds: float,
-               metrics_url: str | None) -> GrpcResult:
+               failures=None) -> GrpcResult:
     """``seconds`` of closed-loop unary calls on ``connections`` connections (with
-    ``metrics_url``, the server's failures during the run count as errors)."""
-    before = server_failures(metrics_url) if metrics_url else 0
+    ``failures``, a function reading the server's count of failed calls, the failures during
+    the run count as errors)."""
+    before = failures() if failures else 0
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "requests.tsv"
         cmd = [h2load, "-D", f"{seconds:g}", "-c", str(connections), "-m", "1", "-t",
@@ -104,12 +110,13 @@ def run_h2load(h2load: str, target: str, body: Path, connections: int, seconds: 
             raise LoadgenError(f"h2load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
         durations = _durations_ms(log)
     failed = _failed(done.stdout)
-    errors = failed + (int(server_failures(metrics_url) - before) if metrics_url else 0)
+    errors = failed + (int(failures() - before) if failures else 0)
     if not len(durations):
         raise LoadgenError(f"h2load completed no call:\n{done.stdout[-1000:]}")
     return GrpcResult(rps=len(durations) / seconds,
                       p50_ms=float(np.percentile(durations, 50)),
-                      p99_ms=float(np.percentile(durations, 99)), errors=errors)
+                      p99_ms=float(np.percentile(durations, 99)), errors=errors,
+                      requests=len(durations))
 
 
 def _durations_ms(log: Path) -> np.ndarray:

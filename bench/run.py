@@ -1,9 +1,12 @@
 """mserve's benchmark harness: `.venv/bin/python bench/run.py [--quick] [--only tiny,c32,...]`.
 
 Builds the models, starts every contender on 127.0.0.1 (the in-process loop, the FastAPI
-baseline and KServe from bench/.venv, mserve through its own CLI), loads each with wrk, prints
-a Markdown report (ratios against the FastAPI baseline of the same run, targets PASS/MISS) and,
-for a full run, writes it to docs/benchmarks.md. Needs only the stdlib, numpy and onnx here.
+baseline and KServe from bench/.venv, Triton through PyTriton and MLServer from their own venvs,
+bench/peers.py, mserve through its own CLI), loads each with wrk or h2load in ``--rounds``
+interleaved rounds, meters the server's CPU per request (bench/cost.py), prints a Markdown
+report (ratios against the FastAPI baseline and the peers of the same run, targets PASS/MISS)
+and, for a full run, writes it to docs/benchmarks.md. Needs only the stdlib, numpy and onnx
+here.
 """
 
 from __future__ import annotations
@@ -18,22 +21,30 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cost
 import grpc_load
 import loadgen
 import models
 import payloads
+import peers
 import report
 import servers
 import summary
 import targets
+from measure import Endpoint, MeasureError, check, once, quietest
 from mservectl import Mserve, MserveError, cli_startup
 from report import Row
 
 WORK = Path(__file__).parent / ".work"
 MATRIX = {"tiny": (1, 32), "mlp": (1, 32, 64)}
 HERE = Path(__file__).parent
-CONTENDERS = ("inproc", "fastapi", "kserve", "mserve-json", "mserve-bin", "mserve-grpc",
+CONTENDERS = ("inproc", "fastapi", "kserve", "triton-json", "triton-bin", "triton-grpc",
+              "mlserver-json", "mlserver-grpc", "mserve-json", "mserve-bin", "mserve-grpc",
               "grpc-floor")
+GROUPS = {"mserve": ("mserve-json", "mserve-bin", "mserve-grpc"),
+          "triton": ("triton-json", "triton-bin", "triton-grpc"),
+          "mlserver": ("mlserver-json", "mlserver-grpc")}
+GRPC = ("mserve-grpc", "grpc-floor", "triton-grpc", "mlserver-grpc")
 SERVERS = {"fastapi": ("fastapi_server.py", "/v2/health/ready"),
            "kserve": ("kserve_server.py", "/v2/models/{name}/ready")}
 
@@ -50,20 +61,11 @@ class Plan:
     full: bool
     wait_quiet: float = 30.0
     retries: int = 2
+    rounds: int = 3
 
     def cells(self, model: str) -> list[int]:
         """The concurrencies to run for ``model``."""
         return [c for c in MATRIX[model] if c in self.concs]
-
-
-@dataclass
-class Endpoint:
-    """A contender's base URL and server process id, or why it cannot be measured."""
-
-    url: str = ""
-    pid: int | None = None
-    error: str | None = None
-    grpc: str | None = None  # host:port of mserve's gRPC service
 
 
 @dataclass
@@ -77,6 +79,8 @@ class Ctx:
     bodies: dict[tuple[str, str], payloads.Body] = field(default_factory=dict)
     mserve: dict[str, Endpoint] = field(default_factory=dict)
     revision: str = ""  # the checkout's commit when the run started
+    work: Path = WORK
+    peers: dict[str, peers.PeerVenv] = field(default_factory=dict)  # installed lazily
     inputs: dict[str, object] = field(default_factory=dict)  # model -> the request's x
     h2load: str | None = None  # the gRPC load generator, or why it is missing:
     h2load_error: str = ""
@@ -90,7 +94,10 @@ def parse_args(argv: list[str]) -> Plan:
     parser.add_argument("--quick", action="store_true", help="2 s runs, 1 s warm-ups (smoke test)")
     parser.add_argument("--only", default="", help="comma-separated filters: models (tiny, mlp),"
                         " concurrencies (c1, c32, c64), contenders (" + ", ".join(CONTENDERS) +
-                        "; mserve = both mserve rows)")
+                        "; mserve, triton, mlserver = all of its rows)")
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help="measure every cell N times, the contenders interleaved in each "
+                        "round (default 3, --quick 1)")
     parser.add_argument("--wait-quiet", type=float, default=None, metavar="S",
                         help="before each run, wait up to S s (default 30, --quick 0) for other "
                         f"processes to go under {loadgen.BUSY * 100:.0f}%% CPU (runs on a busy machine "
@@ -102,16 +109,18 @@ def parse_args(argv: list[str]) -> Plan:
     args = parser.parse_args(argv)
     tokens = {t.strip() for t in args.only.split(",") if t.strip()}
     known = set(MATRIX) | {f"c{c}" for cs in MATRIX.values() for c in cs} | set(CONTENDERS)
-    if tokens - known - {"mserve"}:
-        parser.error(f"unknown --only filter(s): {', '.join(sorted(tokens - known - {'mserve'}))}")
-    if "mserve" in tokens:
-        tokens |= {"mserve-json", "mserve-bin", "mserve-grpc"}
+    if tokens - known - set(GROUPS):
+        parser.error(f"unknown --only filter(s): {', '.join(sorted(tokens - known - set(GROUPS)))}")
+    for group, members in GROUPS.items():
+        if group in tokens:
+            tokens |= set(members)
     concs = {int(c[1:]) for c in _pick(["c1", "c32", "c64"], tokens)}
     duration, warmup = (2.0, 1.0) if args.quick else (args.duration, args.warmup)
     return Plan(_pick(list(MATRIX), tokens), concs, _pick(list(CONTENDERS), tokens), duration,
                 warmup, full=not (args.quick or tokens or args.no_docs),
                 wait_quiet=_default(args.wait_quiet, 0 if args.quick else 30),
-                retries=_default(args.retries, 0 if args.quick else 2))
+                retries=_default(args.retries, 0 if args.quick else 2),
+                rounds=max(1, _default(args.rounds, 1 if args.quick else 3)))
 
 
 def _default(value, fallback):
@@ -135,106 +144,61 @@ def prepare_bodies(ctx: Ctx) -> dict[str, object]:
     return expected
 
 
-def quietest(ctx: Ctx, pids: list[int], attempt, warmup=None):
-    """Run ``attempt()`` (after ``warmup()``, unwatched) until other processes stay under
-    loadgen.BUSY of the CPUs meanwhile, at most 1 + --retries times; (result, their CPU
-    share) of the quietest attempt."""
-    best = None
-    for _ in range(1 + ctx.plan.retries):
-        loadgen.wait_quiet(ctx.plan.wait_quiet)
-        if warmup:
-            warmup()
-        with loadgen.CpuWatch(pids) as watch:
-            result = attempt()
-        if best is None or watch.foreign < best[1]:
-            best = (result, watch.foreign)
-        if watch.foreign <= loadgen.BUSY:
-            break
-    return best
-
-
-def measure(ctx: Ctx, row: Row, target: Endpoint, body: payloads.Body, expected) -> Row:
-    """Check one answer, then warm-up + measured wrk runs (the quietest kept) into ``row``."""
-    url = f"{target.url}/v2/models/{row.model}/infer"
-    wrong = payloads.check_answer(url, body, expected)
-    if wrong:
-        row.note = f"⚠ not run: {wrong}"
-        return row
-
-    def wrk(seconds: float) -> loadgen.WrkResult:
-        return loadgen.run_wrk(ctx.wrk, url, body, row.conc, seconds)
-    try:
-        result, row.background = quietest(
-            ctx, [target.pid] if target.pid else [], lambda: wrk(ctx.plan.duration),
-            (lambda: wrk(ctx.plan.warmup)) if ctx.plan.warmup > 0 else None)
-    except (loadgen.LoadgenError, subprocess.TimeoutExpired) as exc:
-        row.note = f"⚠ wrk failed: {exc}"
-        return row
-    row.rps, row.p50_ms, row.p99_ms = result.rps, result.p50_ms, result.p99_ms
-    row.errors, row.error_text = result.errors, result.error_text()
-    print(f"  {row.model:5} c={row.conc:<3} {row.contender:12} {result.rps:9.0f} req/s  "
-          f"p50 {report.fmt_ms(row.p50_ms):>9}  p99 {report.fmt_ms(row.p99_ms):>9}  "
-          f"errors {row.error_text}  other CPU {row.background:.0%}", flush=True)
-    return row
-
-
-def measure_grpc(ctx: Ctx, row: Row, target: Endpoint, expected) -> Row:
-    """A gRPC service (mserve's, or the floor) under h2load: one checked call, then warm-up +
-    measured runs (the quietest kept) into ``row``."""
-    if ctx.h2load is None:
-        row.note = f"⚠ not run: {ctx.h2load_error}"
-        return row
-    x = ctx.inputs[row.model]
-    message = grpc_load.request_message(row.model, x)
-    wrong = grpc_load.check_answer(target.grpc, message, expected)
-    if wrong:
-        row.note = f"⚠ not run: {wrong}"
-        return row
-    body = WORK / f"{row.model}.grpc"
-    body.write_bytes(grpc_load.frame(message))
-
-    def attempt(seconds: float) -> grpc_load.GrpcResult:
-        return grpc_load.run_h2load(ctx.h2load, target.grpc, body, row.conc, seconds,
-                                    f"{target.url}/metrics" if target.url else None)
-    try:
-        got, row.background = quietest(ctx, [target.pid], lambda: attempt(ctx.plan.duration),
-                                       lambda: attempt(ctx.plan.warmup))
-    except (loadgen.LoadgenError, subprocess.TimeoutExpired, OSError) as exc:
-        row.note = f"⚠ h2load failed: {exc}"
-        return row
-    row.rps, row.p50_ms, row.p99_ms, row.errors = got.rps, got.p50_ms, got.p99_ms, got.errors
-    row.error_text = str(got.errors)
-    print(f"  {row.model:5} c={row.conc:<3} {row.contender:12} {row.rps:9.0f} req/s  "
-          f"p50 {report.fmt_ms(row.p50_ms):>9}  p99 {report.fmt_ms(row.p99_ms):>9}  "
-          f"errors {row.error_text}  other CPU {row.background:.0%}", flush=True)
-    return row
-
-
 def inprocess_rows(ctx: Ctx, model: str) -> list[Row]:
-    """The in-process loop, measured once at c=1; marked n/a at higher concurrencies."""
+    """The in-process loop, measured at c=1 (once per round); n/a at higher concurrencies."""
     rows = []
     for conc in ctx.plan.cells(model):
         row = Row(model, conc, "inproc")
         if conc > 1:
             row.note = "n/a (single-thread loop, see c=1)"
-        else:
+        for _ in range(ctx.plan.rounds if conc == 1 else 0):
             args = (ctx.paths[model], models.SPECS[model].features, ctx.plan.duration,
                     ctx.plan.warmup)
             try:
-                got, row.background = quietest(ctx, [], functools.partial(servers.run_inprocess, *args))
-                row.rps, row.p50_ms, row.p99_ms = got["rps"], got["p50_ms"], got["p99_ms"]
-                print(f"  {model:5} c=1   inproc       {row.rps:9.0f} calls/s  "
-                      f"other CPU {row.background:.0%}", flush=True)
+                got, load = quietest(ctx, [], functools.partial(servers.run_inprocess, *args))
             except servers.ServerError as exc:
                 row.note = f"⚠ {exc}"
+                break
+            row.add(report.Round(got["rps"], got["p50_ms"], got["p99_ms"], background=load))
+            print(f"  {model:5} c=1   inproc        {got['rps']:9.0f} calls/s  "
+                  f"other CPU {load:.0%}", flush=True)
         rows.append(row)
     return rows
 
 
+def start_peers(ctx: Ctx, model: str, stack: contextlib.ExitStack) -> dict[str, Endpoint]:
+    """Triton (PyTriton) and MLServer for ``model``, each installed on first use; an
+    Endpoint with the reason for every row of a peer that cannot install or start."""
+    found = {}
+    for peer, members in (("triton", GROUPS["triton"]), ("mlserver", GROUPS["mlserver"])):
+        wanted = [m for m in members if m in ctx.plan.contenders]
+        if not wanted:
+            continue
+        if peer not in ctx.peers:
+            ctx.peers[peer] = peers.ensure_peer(peer)
+        venv = ctx.peers[peer]
+        if venv.error:
+            found.update({m: Endpoint(error=venv.error) for m in wanted})
+            continue
+        logs = WORK / "logs"
+        try:
+            server = (peers.Triton(venv, ctx.paths[model], model, logs, WORK) if peer == "triton"
+                      else peers.MLServer(venv, ctx.paths[model], model, logs, WORK))
+            stack.enter_context(server)
+        except (servers.ServerError, OSError, subprocess.CalledProcessError) as exc:
+            found.update({m: Endpoint(error=f"{peer} did not start: {exc}") for m in wanted})
+            continue
+        endpoint = Endpoint(server.url, server.proc.pid, grpc=server.grpc,
+                            batches=server.batches(model),
+                            failures=functools.partial(server.failures, model))
+        found.update({m: endpoint for m in wanted})
+    return found
+
+
 def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack,
                   expected) -> dict[str, Endpoint]:
-    """Start the FastAPI and KServe servers and the gRPC floor for ``model``; every
-    contender's endpoint."""
+    """Start the FastAPI and KServe servers, the peers and the gRPC floor for ``model``;
+    every contender's endpoint."""
     found = {}
     for contender, (script, ready) in SERVERS.items():
         if contender not in ctx.plan.contenders:
@@ -248,6 +212,7 @@ def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack,
             found[contender] = Endpoint(server.url, server.proc.pid)
         except servers.ServerError as exc:
             found[contender] = Endpoint(error=f"{contender} did not start: {exc}")
+    found.update(start_peers(ctx, model, stack))
     if "grpc-floor" in ctx.plan.contenders:
         try:
             floor = stack.enter_context(grpc_load.Floor(model, expected, WORK))
@@ -255,27 +220,54 @@ def start_servers(ctx: Ctx, model: str, stack: contextlib.ExitStack,
         except (loadgen.LoadgenError, OSError) as exc:
             found["grpc-floor"] = Endpoint(error=str(exc))
     deployed = ctx.mserve.get(model, Endpoint(error="mserve deployment missing"))
+    if deployed.url:
+        deployed.batches = cost.mserve_batches(deployed.url, model)
+        deployed.failures = functools.partial(grpc_load.server_failures,
+                                              f"{deployed.url}/metrics")
     found["mserve-json"] = found["mserve-bin"] = found["mserve-grpc"] = deployed
     return found
 
 
+def body_for(ctx: Ctx, model: str, contender: str) -> payloads.Body | None:
+    """The HTTP body a contender is loaded with (None: a gRPC row)."""
+    if contender in GRPC:
+        return None
+    return ctx.bodies[model, "bin" if contender.endswith("-bin") else "json"]
+
+
 def bench_model(ctx: Ctx, model: str, expected) -> list[Row]:
-    """Every cell of ``model``: per concurrency, the contenders back to back."""
+    """Every cell of ``model``: per concurrency, ``rounds`` rounds, each running every
+    contender once (the order rotated from round to round)."""
     rows = inprocess_rows(ctx, model) if "inproc" in ctx.plan.contenders else []
     with contextlib.ExitStack() as stack:
         endpoints = start_servers(ctx, model, stack, expected[model])
         for conc in ctx.plan.cells(model):
+            cell = {}
             for contender in [c for c in ctx.plan.contenders if c != "inproc"]:
                 row, target = Row(model, conc, contender), endpoints[contender]
-                if target.error:
-                    row.note = f"⚠ not run: {target.error}"
-                    rows.append(row)
-                    continue
-                if contender in ("mserve-grpc", "grpc-floor"):
-                    rows.append(measure_grpc(ctx, row, target, expected[model]))
-                    continue
-                kind = "bin" if contender == "mserve-bin" else "json"
-                rows.append(measure(ctx, row, target, ctx.bodies[model, kind], expected[model]))
+                wrong = target.error or check(ctx, row, target, body_for(ctx, model, contender),
+                                              expected[model])
+                if wrong:
+                    row.note = f"⚠ not run: {wrong}"
+                else:
+                    cell[contender] = row
+                rows.append(row)
+            for turn in range(ctx.plan.rounds):
+                if ctx.plan.rounds > 1:
+                    print(f"  -- {model} c={conc} round {turn + 1}/{ctx.plan.rounds}", flush=True)
+                order = list(cell)
+                shift = turn % max(1, len(order))
+                for contender in order[shift:] + order[:shift]:
+                    row = cell[contender]
+                    if row.note:
+                        continue
+                    try:
+                        row.add(once(ctx, row, endpoints[contender],
+                                     body_for(ctx, model, contender)))
+                    except MeasureError as exc:
+                        row.note = f"⚠ {exc}"
+                        if not row.rounds:
+                            row.rps = None
     order = {c: i for i, c in enumerate(CONTENDERS)}
     return sorted(rows, key=lambda r: (r.conc, order[r.contender]))
 
@@ -336,7 +328,7 @@ def main(argv: list[str]) -> int:
     ctx = Ctx(plan, wrk, servers.ensure_venv(), models.build_all(WORK, plan.models),
               revision=summary.revision())
     expected, extras = prepare_bodies(ctx), targets.Extras()
-    if {"mserve-grpc", "grpc-floor"} & set(plan.contenders):
+    if set(GRPC) & set(plan.contenders):
         try:
             ctx.h2load = grpc_load.ensure_h2load()
         except loadgen.LoadgenError as exc:

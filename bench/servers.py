@@ -35,7 +35,7 @@ class BenchVenv:
     kserve_error: str | None
 
 
-def _project_pins() -> list[str]:
+def project_pins() -> list[str]:
     """onnxruntime and numpy at the project venv's versions, so every contender runs the
     same ONNX Runtime (the project has onnxruntime-gpu on x86-64 Linux: same CPU kernels)."""
     pins = []
@@ -49,11 +49,15 @@ def _project_pins() -> list[str]:
     return pins
 
 
-def _pip(*packages: str) -> str | None:
-    """pip install into bench/.venv; None on success, else the tail of pip's error."""
-    cmd = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+def _pip(*packages: str, python: Path = PYTHON, timeout: float | None = None) -> str | None:
+    """pip install into bench/.venv (or ``python``'s venv); None on success, else the tail of
+    pip's error."""
+    cmd = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
            *packages]
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"pip install did not finish in {timeout:.0f} s"
     if done.returncode == 0:
         return None
     lines = [line for line in done.stderr.splitlines() if not line.startswith("WARNING")]
@@ -62,7 +66,7 @@ def _pip(*packages: str) -> str | None:
 
 def ensure_venv() -> BenchVenv:
     """Create bench/.venv if needed and install the contenders' packages (once per set)."""
-    base = ["fastapi", "uvicorn", *_project_pins()]
+    base = ["fastapi", "uvicorn", *project_pins()]
     wanted = hashlib.sha256(json.dumps([base, "kserve"]).encode()).hexdigest()
     if PYTHON.exists() and STAMP.exists() and STAMP.read_text() == wanted:
         return BenchVenv(PYTHON, None)
@@ -127,14 +131,17 @@ class Server:
         self.ready_url = self.url + ready_path.format(name=name)
         self.log = logdir / f"{Path(script).stem}-{name}.log"
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] | None = None  # the server's environment (None: ours)
+        self.timeout = 120.0  # seconds to wait for ready_url
 
     def __enter__(self) -> Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         env=self.env)
         try:
-            wait_ready(self.ready_url, self.proc, timeout=120, log=self.log)
+            wait_ready(self.ready_url, self.proc, timeout=self.timeout, log=self.log)
         except BaseException:
             self.stop()
             raise
@@ -144,18 +151,32 @@ class Server:
         self.stop()
 
     def stop(self) -> None:
-        """SIGTERM the server's process group, SIGKILL it after 10 s."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM the server's process group, SIGKILL it after 10 s; returns once no process
+        of the group is left (Triton's tritonserver and stubs outlive the PyTriton process)."""
+        if self.proc is None:
             return
         for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             try:
                 os.killpg(self.proc.pid, sig)
                 self.proc.wait(wait)
-                return
+                if _group_gone(self.proc.pid, wait):
+                    return
             except subprocess.TimeoutExpired:
                 continue
             except ProcessLookupError:
                 return
+
+
+def _group_gone(pgid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for process group ``pgid`` to have no process left."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def run_inprocess(model: Path, features: int, seconds: float, warmup: float) -> dict:

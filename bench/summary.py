@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import loadgen
+import peers
 import report
 import servers
 import targets
@@ -20,8 +21,15 @@ from report import Row
 MSERVE_LOGS = Path(__file__).parent / ".work" / "logs" / "mserve"
 
 
-def software(venv: servers.BenchVenv, wrk: str, revision: str) -> str:
+def software(venv: servers.BenchVenv, wrk: str, revision: str, peer_venvs=None) -> str:
     """Versions of everything measured."""
+    peer_versions = ""
+    for peer, dists in (("triton", ("nvidia-pytriton", "onnxruntime", "numpy")),
+                        ("mlserver", ("mlserver", "onnxruntime", "numpy"))):
+        got = (peer_venvs or {}).get(peer)
+        if got is not None and not got.error:
+            peer_versions += f"; bench/.venv-{peer}: " + ", ".join(
+                f"{d} {got.version(d)}" for d in dists)
     bench = servers.versions(venv.python)
     ort = next((f"{d} {metadata.version(d)}" for d in ("onnxruntime-gpu", "onnxruntime")
                 if _installed(d)), "none")
@@ -30,7 +38,7 @@ def software(venv: servers.BenchVenv, wrk: str, revision: str) -> str:
     return (f"Python {sys.version.split()[0]}; mserve {metadata.version('mserve')} "
             f"({revision}) with {ort} "
             f"(CPU provider), numpy {metadata.version('numpy')}; bench/.venv: " +
-            ", ".join(f"{k} {v}" for k, v in bench.items()) + f"; wrk {wrk_v}")
+            ", ".join(f"{k} {v}" for k, v in bench.items()) + f"; wrk {wrk_v}" + peer_versions)
 
 
 def revision() -> str:
@@ -61,7 +69,7 @@ def render(ctx, rows: list[Row], info: dict, extras: targets.Extras, took: float
         (f"- Date: {today}; command: `{command}` ({ctx.plan.warmup:g} s warm-up + "
          f"{ctx.plan.duration:g} s measured per cell; the whole run took {took / 60:.1f} min)"),
         f"- Machine: {report.machine()}; wrk and the server under test share these cores",
-        f"- Software: {software(ctx.venv, ctx.wrk, ctx.revision)}",
+        f"- Software: {software(ctx.venv, ctx.wrk, ctx.revision, ctx.peers)}",
         "", "### Throughput and latency (one [1, F] FP32 row per request)", "",
         report.table(rows), "", *notes(ctx, rows), "", "### Targets", "",
         targets.verdict_table(verdicts), "", "### mserve control plane", "",
@@ -85,6 +93,33 @@ def notes(ctx, rows: list[Row]) -> list[str]:
                      f"repeated up to {ctx.plan.retries} times and the quietest kept).")
     if ctx.venv.kserve_error:
         lines.append(f"- KServe not measured: {ctx.venv.kserve_error}")
+    lines += [
+        f"- {ctx.plan.rounds} round(s) per cell, the contenders interleaved in each round (the "
+        "order rotated from round to round); req/s, p50 and p99 are min–median–max over the "
+        "rounds, each ratio is computed within a round and the median of those is shown.",
+        "- `× Triton`, `× MLServer`: an mserve row's req/s over the peer's row with the same "
+        "transport (JSON, binary tensors or gRPC; MLServer has no binary tensor extension).",
+        "- server CPU µs/req: utime + stime of the server process tree (all its threads and "
+        "child processes: tritonserver and the Python backend stubs, MLServer's workers) "
+        "over the measured run, / requests answered (load generator's CPU excluded). mean "
+        "batch: requests per model run over the run, from the server's own metrics (mserve "
+        "`mserve_batch_size`, Triton `nv_inference_count / nv_inference_exec_count`, MLServer "
+        "successful requests / batches dispatched to its workers); n/a where not reported."]
+    lines += contender_legend(ctx, rows)
+    return lines
+
+
+def contender_legend(ctx, rows: list[Row]) -> list[str]:
+    """One line per peer with its settings, or why it was not measured."""
+    lines = []
+    for peer, label in (("triton", "Triton (PyTriton)"), ("mlserver", "MLServer")):
+        venv = ctx.peers.get(peer)
+        if venv is None:
+            continue
+        if venv.error:
+            lines.append(f"- {label} not measured: {venv.error}")
+        else:
+            lines.append(f"- {label}: {peers.settings(peer, venv)}")
     return lines
 
 
