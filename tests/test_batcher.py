@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from mserve.daemon.errors import BadRequest
-from mserve.daemon.worker.batcher import Batcher, Overloaded
+from mserve.daemon.worker.batcher import INLINE_MAX_S, Batcher, Overloaded
 from mserve.daemon.worker.metrics import Metrics
+from mserve.daemon.worker.requestlog import Call
 
 
 class FakeModel:
@@ -142,29 +143,54 @@ def test_a_lone_request_on_a_cheap_size_bound_model_runs_inline():
         assert inline_count(batcher) == 1 and batcher.inflight == 0
         with pytest.raises(BadRequest):  # an inline failure is the request's own error
             await batcher.submit({"x": -x}, ["y"], alone=True)
-        # not alone: thread, even when cheap
+        # not alone: queued, and still run on the loop, being cheap
         model.threads.clear()
-        await batcher.submit({"x": x}, ["y"])
+        assert (await batcher.submit({"x": x}, ["y"]))[0].tolist() == [[2, 2]]
+        assert model.threads == {"MainThread"} and inline_count(batcher) == 3
+    run(main())
+
+
+def test_a_cheap_batch_runs_on_the_loop_and_a_costly_one_in_a_thread():
+    async def main():
+        model = FakeModel()
+        batcher = make(model)
+        await batcher.submit({"x": np.ones((1, 2), np.float32)}, ["y"])  # calibrates
+        model.threads.clear()
+        arrays = [np.full((1, 2), i, dtype=np.float32) for i in range(6)]
+        results = await burst(batcher, arrays)
+        assert [r[0].tolist() for r in results] == [(a * 2).tolist() for a in arrays]
+        assert model.threads == {"MainThread"} and inline_count(batcher) >= 1
+        assert max(model.runs[1:]) > 1  # they still shared runs
+        # a batch predicted past INLINE_MAX_S goes to the thread
+        model.threads.clear()
+        big = np.ones((1, int(2 * INLINE_MAX_S / batcher.cost)), np.float32)
+        assert (await batcher.submit({"x": big}, ["y"]))[0].shape == big.shape
         assert model.threads and "MainThread" not in model.threads
     run(main())
 
 
 @pytest.mark.parametrize("why", ["value-bound", "slow", "busy", "batch delay"])
-def test_no_inline_run_for_value_bound_or_slow_models_or_when_others_wait(why):
+def test_no_inline_run_for_costly_models_and_no_queue_skip_when_others_wait(why):
     async def main():
         model = FakeModel(size_bound=why != "value-bound", sleep_s=0.003 if why == "slow" else 0)
         batcher = make(model, batch_delay_ms=1 if why == "batch delay" else None)
         x = np.ones((1, 2), np.float32)
         await batcher.submit({"x": x}, ["y"], alone=True)  # calibrates the cost
-        if why == "busy":
+        call = Call(started=time.perf_counter())
+        if why == "busy":  # a costly request in the thread: the lone one waits its turn
             model.sleep_s = 0.05
-            other = asyncio.ensure_future(batcher.submit({"x": x}, ["y"]))
+            big = np.ones((1, int(2 * INLINE_MAX_S / batcher.cost)), np.float32)
+            other = asyncio.ensure_future(batcher.submit({"x": big}, ["y"]))
             while not batcher.inflight:
                 await asyncio.sleep(0)
-            model.sleep_s = 0
-        await batcher.submit({"x": x}, ["y"], alone=True)
-        if why == "busy":
+            await batcher.submit({"x": x}, ["y"], call, alone=True)
             await other
+            assert call.queue_ms >= 40, call.queue_ms
+            return
+        await batcher.submit({"x": x}, ["y"], call, alone=True)
+        if why == "batch delay":  # it waited for company (then ran on the loop, cheap)
+            assert call.queue_ms >= 0.9, call.queue_ms
+            return
         assert "MainThread" not in model.threads and inline_count(batcher) == 0
     run(main())
 

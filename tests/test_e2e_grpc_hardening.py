@@ -350,17 +350,20 @@ def probing(d: dict):
 # ---------------------------------------------------------------- finding 13
 
 
-def test_resize_applies_a_new_message_limit_at_once(tmp_path):
-    """GrpcServer.resize (the worker's control code calls it on a redeploy): up to the
-    server's ceiling (64 MiB at least) a larger limit lets a larger message through at once,
-    a smaller one refuses it at once, on connections opened before too, and calls on old and
-    new connections never fail meanwhile. Past the ceiling the server is replaced only when
-    asked to: the new limit then holds, and the calls that fail are only calls that raced the
-    old server's stop (CANCELLED)."""
-    asyncio.run(_resize(models.affine(tmp_path / "r.onnx")))
+@pytest.mark.parametrize("front", ["native", "grpcio"])
+def test_resize_applies_a_new_message_limit_at_once(tmp_path, monkeypatch, front):
+    """GrpcServer.resize (the worker's control code calls it on a redeploy): a larger limit
+    lets a larger message through at once, a smaller one refuses it at once, on connections
+    opened before too, and calls on old and new connections never fail meanwhile. The
+    native front end has no limit of its own, so every limit applies so. grpcio's server
+    fixes a ceiling (64 MiB at least) when it starts: past it the server is replaced only
+    when asked to; the new limit then holds, and the calls that fail are only calls that
+    raced the old server's stop (CANCELLED)."""
+    monkeypatch.setenv("MSERVE_GRPC_FRONTEND", front)
+    asyncio.run(_resize(models.affine(tmp_path / "r.onnx"), front))
 
 
-async def _resize(path):
+async def _resize(path, front: str):
     from mserve.daemon.worker import runtime
     from mserve.daemon.worker.app import Serving
     from mserve.daemon.worker.grpc_serve import NeedsRestart
@@ -404,13 +407,20 @@ async def _resize(path):
         await server.resize(2**20)
         assert await code(old, big) == grpc.StatusCode.RESOURCE_EXHAUSTED
         await more_calls()
-        live = dict(failures)
-        with pytest.raises(NeedsRestart):
-            await server.resize(100 * 2**20)
         assert await code(old, huge) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert await server.resize(100 * 2**20, replace=True, grace=5) is True
-        while server.retiring:  # the old server finishes its calls
-            await asyncio.sleep(0.05)
+        if front == "native":  # past 64 MiB too: at once, on the same connections
+            assert await server.resize(100 * 2**20) is False
+            assert await code(old, huge) == grpc.StatusCode.OK
+            await more_calls()
+            live = dict(failures)
+        else:
+            live = dict(failures)
+            with pytest.raises(NeedsRestart):
+                await server.resize(100 * 2**20)
+            assert await code(old, huge) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert await server.resize(100 * 2**20, replace=True, grace=5) is True
+            while server.retiring:  # the old server finishes its calls
+                await asyncio.sleep(0.05)
         fresh = channel(d)
         assert await code(fresh, huge) == grpc.StatusCode.OK
         fresh.close()

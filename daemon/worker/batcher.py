@@ -8,14 +8,16 @@ lone client never waits (``batch_delay_ms`` defaults to 0). A batch that fails i
 request by request, so one bad request fails alone. Versions never mix: each has its own
 batcher. Past ``max_queue`` waiting requests the worker answers 503 at once.
 
-Runs happen in a thread (ONNX Runtime releases the GIL), with one exception: a request that
-is alone (no other request waiting in the worker, none in this batcher) runs on the event
-loop when the model is size-bound (graphscan.py: its run time cannot depend on input values)
-and its measured cost predicts under ``INLINE_MAX_S`` for this request's size, unless a
-``batch_delay_ms`` asks requests to wait for company. That saves
-the two thread hand-offs (about 0.1-0.15 ms on a small machine) for a lone client, and can
-stall nothing for longer than that bound: nothing else was waiting, and a model whose run
-time depends on values (a Loop, a Range) always runs in the thread.
+Runs happen in a thread (ONNX Runtime releases the GIL) unless they are cheap: when the model
+is size-bound (graphscan.py: its run time cannot depend on input values) and its measured
+cost predicts under ``INLINE_MAX_S`` for the batch's size, the run is made on the event loop.
+A thread hand-off costs two wake-ups each way (measured at 0.15 ms of CPU per run on a small
+virtual machine, against 8 us for the run of a small model), so a cheap run made inline
+costs the loop less than handing it off would; the loop is stalled for no longer than that
+bound, and a model whose run time depends on values (a Loop, a Range) always runs in the
+thread. A request that is alone (no other request waiting in the worker, none in this
+batcher) and cheap runs at once, without queueing, unless a ``batch_delay_ms`` asks requests
+to wait for company.
 """
 
 from __future__ import annotations
@@ -98,9 +100,13 @@ class Batcher:
             self.metrics.depth -= 1
 
     def _cheap(self, feeds: dict[str, np.ndarray]) -> bool:
+        """A lone run on these inputs may skip the queue (see the module doc)."""
+        return not self._closing and not self.delay and self._inline([feeds])
+
+    def _inline(self, all_feeds) -> bool:
         """A run on these inputs is predicted under INLINE_MAX_S (size-bound models only)."""
-        return (self.model.size_bound and self.cost is not None and not self._closing
-                and not self.delay and self.cost * _elements([feeds]) <= INLINE_MAX_S)
+        return (self.model.size_bound and self.cost is not None
+                and self.cost * _elements(all_feeds) <= INLINE_MAX_S)
 
     def _run_inline(self, job: Job) -> list[np.ndarray]:
         self.metrics.inline_runs += 1
@@ -167,8 +173,13 @@ class Batcher:
                 await asyncio.sleep(self.delay)
             batch = self._take()
             self._starting(batch)
-            results, seconds = await loop.run_in_executor(self.executor, self._execute, batch,
-                                                          session)
+            inline = self._inline(j.feeds for j in batch)
+            if inline:
+                self.metrics.inline_runs += 1
+                results, seconds = self._execute(batch, session)
+            else:
+                results, seconds = await loop.run_in_executor(self.executor, self._execute,
+                                                              batch, session)
             self._finished(batch, seconds)
             for job, result in zip(batch, results):
                 if job.future.done():
@@ -177,6 +188,8 @@ class Batcher:
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
+            if inline:  # let the answered requests (and new ones) go before the next run
+                await asyncio.sleep(0)
 
     def _starting(self, batch: list[Job]) -> None:
         """Account the queue time of a batch about to run."""

@@ -86,6 +86,7 @@ class Limits:
         self.max_message = self.budget = 0
         self.resize(max_message)
         self.calls = 0  # inference-service calls in progress
+        self.accepted = 0  # calls the native front end took and has not answered (any service)
         self.held = 0  # request bytes held
         self.passed = 0  # request bytes seen since memory was last given back
         self.trim_due = None

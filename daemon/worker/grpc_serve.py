@@ -27,6 +27,7 @@ before loading the model, which can take a while.
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import grpc
@@ -36,12 +37,21 @@ from mserve.daemon.errors import Conflict
 from mserve.daemon.worker.app import Serving
 from mserve.daemon.worker.grpc_health import Health
 from mserve.daemon.worker.grpc_limits import quiet_grpc_logs
+from mserve.daemon.worker.grpc_native import NativeServer
 from mserve.daemon.worker.grpc_server import Servicer
 
 FINAL_GRACE_S = 1.0  # see GrpcServer.stop
 RESIZE_GRACE_S = 30.0
 CEILING = 64 * 2**20  # the least message size limit a server is created with
 MOST = 2**31 - 1  # grpcio's largest
+NATIVE, GRPCIO = "native", "grpcio"
+
+
+def front_end(environ=os.environ) -> str:
+    """The gRPC front end: the worker's own HTTP/2 (native, the default) or grpcio's
+    asyncio server (``MSERVE_GRPC_FRONTEND=grpcio``)."""
+    return GRPCIO if environ.get("MSERVE_GRPC_FRONTEND", "").strip().lower() == GRPCIO \
+        else NATIVE
 
 
 class NeedsRestart(Conflict):
@@ -56,14 +66,17 @@ class GrpcServer:
     """The started gRPC server of a worker, and the ones a resize is retiring."""
 
     def __init__(self, servicer: Servicer, health: Health, host: str, port: int,
-                 tls: dict | None, max_body: int):
+                 tls: dict | None, max_body: int, front: str = NATIVE):
         self.servicer, self.health = servicer, health
         self.host, self.port, self.max_body = host, port, max_body
-        self.ceiling = ceiling(max_body)  # the running server's own limit
+        self.front = front
+        # the running server's own limit (the native front end has none of its own)
+        self.ceiling = MOST if front == NATIVE else ceiling(max_body)
+        self.tls_files = tls
         self.tls = None if not tls else (Path(tls["key"]).read_bytes(),
                                          Path(tls["cert"]).read_bytes())
         self.handlers = (servicer.handler(), health.handler())
-        self.server: aio.Server | None = None
+        self.server: aio.Server | NativeServer | None = None
         self.retiring: list[aio.Server] = []  # replaced by a resize, finishing their calls
         self._changing = asyncio.Lock()
 
@@ -75,12 +88,20 @@ class GrpcServer:
         if port and listeners(port):
             raise RuntimeError(f"Failed to bind to address {host}:{port}: another program "
                                "listens on that port")
-        self = cls(Servicer(serving, max_body), Health(serving), host, port, tls, max_body)
+        self = cls(Servicer(serving, max_body), Health(serving), host, port, tls, max_body,
+                   front_end())
         quiet_grpc_logs(self.servicer.limits)
         self.server = await self._serve(self.ceiling)
         return self
 
-    async def _serve(self, limit: int) -> aio.Server:
+    async def _serve(self, limit: int) -> aio.Server | NativeServer:
+        if self.front == NATIVE:
+            server = NativeServer(self.handlers, self.servicer.limits)
+            self.port = await server.start(self.host, self.port, self.tls_files)
+            return server
+        return await self._serve_grpcio(limit)
+
+    async def _serve_grpcio(self, limit: int) -> aio.Server:
         backlog = self.servicer.limits.pending_backlog()
         server = aio.server(options=[
             ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),

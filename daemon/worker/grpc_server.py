@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote
@@ -40,6 +41,7 @@ from mserve.daemon.worker.proto import grpc_service_pb2 as pb
 from mserve.daemon.worker.requestlog import Call
 from mserve.daemon.worker.routes import SERVER_METADATA
 
+log = logging.getLogger("mserve.worker")
 SERVICE = "inference.GRPCInferenceService"
 CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
          404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -92,6 +94,8 @@ class Servicer:
         self.draining = False
         self.streams: set = set()  # the open ModelStreamInfer calls (grpc_stream.Stream)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-codec")
+        self.unrecorded: list[Call] = []  # answered calls whose accounting waits (_record)
+        self._record_due = False
 
     def drain(self) -> None:
         """Take no new inference; open streams end once they answered what they read."""
@@ -187,23 +191,47 @@ class Servicer:
         call.request_id = call.request_id or msg.id or None
         model = s.model(msg.model_name, msg.model_version or None, None, headers)
         call.version = model.number
-        with s.recorded(call):
-            call.bytes_in = len(raw)
-            convert = grpc_codec.infer_request, msg, chunks, model.inputs, s.max_elements
-            request = await self.off_loop(*convert) if large else convert[0](*convert[1:])
-            del chunks, convert  # views of raw: the arrays keep what they need
-            call.input_s = time.perf_counter() - decoding
-            results = await s.infer(model, request, call)
-            del request
-            encoding = time.perf_counter()
-            encode = grpc_codec.infer_response, s.name, str(model.number), msg.id, results
-            if grpc_codec.response_size(results) >= OFFLOAD_BYTES:
-                out = await self.off_loop(*encode)
-            else:
-                out = encode[0](*encode[1:])
-            call.output_s = time.perf_counter() - encoding
-            call.status, call.bytes_out = 200, len(out)
+        try:
+            with s.recorded(call, self.unrecorded):
+                call.bytes_in = len(raw)
+                convert = grpc_codec.infer_request, msg, chunks, model.inputs, s.max_elements
+                request = await self.off_loop(*convert) if large else convert[0](*convert[1:])
+                del chunks, convert  # views of raw: the arrays keep what they need
+                call.input_s = time.perf_counter() - decoding
+                # alone: no other gRPC call in progress, nor taken by the native front end
+                # and not started yet (the batcher checks its own queue)
+                limits = self.limits
+                results = await s.infer(model, request, call,
+                                        limits.calls <= 1 and limits.accepted <= 1)
+                del request
+                encoding = time.perf_counter()
+                encode = grpc_codec.infer_response, s.name, str(model.number), msg.id, results
+                if grpc_codec.response_size(results) >= OFFLOAD_BYTES:
+                    out = await self.off_loop(*encode)
+                else:
+                    out = encode[0](*encode[1:])
+                call.output_s = time.perf_counter() - encoding
+                call.status, call.bytes_out = 200, len(out)
+        finally:  # after the call was appended: its accounting follows
+            self._record_soon()
         return out
+
+    def _record_soon(self) -> None:
+        """Account the calls answered by then in the loop's next round, once grpcio took
+        their answers, so the client does not wait for counting and the request log."""
+        if not self._record_due:
+            self._record_due = True
+            asyncio.get_running_loop().call_soon(self._record)
+
+    def _record(self) -> None:
+        self._record_due = False
+        calls = self.unrecorded[:]
+        self.unrecorded.clear()
+        for call in calls:
+            try:
+                self.s.record(call)
+            except Exception:  # e.g. the request log's disk is full: the answer went out
+                log.exception("could not record a request")
 
     async def off_loop(self, function, *args):
         """``function(*args)`` in the codec pool, leaving the event loop free (for large
