@@ -130,23 +130,53 @@ def test_unknown_methods_and_non_grpc_requests_get_their_status(native):
 
 def test_garbage_and_silent_peers_harm_nothing(native):
     host, port = native["grpc_url"].rsplit(":", 1)
-    silent = socket.create_connection((host, int(port)))  # never sends its preface
+    with socket.create_connection((host, int(port))):  # a peer that never sends its preface
+        _garbage_peers(native, host, port)
+
+
+def _garbage_peers(native, host, port):
     with socket.create_connection((host, int(port))) as bad:
         bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         bad.settimeout(5)
-        assert _read_until_closed(bad)  # GOAWAY (PROTOCOL_ERROR), then closed
+        assert _goaway_code(_read_until_closed(bad)) == 0x1  # PROTOCOL_ERROR, then closed
     with socket.create_connection((host, int(port))) as bad:
-        bad.sendall(PREFACE + struct.pack(">I", 2**24)[1:] + b"\x00\x00\x00\x00\x00\x01")
+        bad.sendall(PREFACE + struct.pack(">I", 2**24 - 1)[1:] + b"\x00\x00\x00\x00\x00\x01")
         bad.settimeout(5)
-        _read_until_closed(bad)  # a frame past the size we allow: closed
+        assert _goaway_code(_read_until_closed(bad)) == 0x6  # FRAME_SIZE_ERROR: too large
     client = tg.InferenceServerClient(native["grpc_url"])
     x = tg.InferInput("x", [1, 4], "FP32")
     x.set_data_from_numpy(np.ones((1, 4), np.float32))
     assert client.infer("gnative", [x]).as_numpy("y").tolist() == [[2.0] * 4]
     client.close()
-    silent.close()
     # and grpcio's core never started in the worker: the front end is the worker's own
     assert not {"event_engine", "grpc_global_tim"} & set(_thread_names(native["pid"]))
+
+
+def test_a_rapid_reset_peer_is_sent_away_and_others_are_served(native):
+    """Streams opened and reset at once, thousands of times (CVE-2023-44487's attack): the
+    connection gets GOAWAY ENHANCE_YOUR_CALM; other clients go on being served."""
+    def literal(name: bytes, value: bytes) -> bytes:
+        return b"\x00" + bytes((len(name),)) + name + bytes((len(value),)) + value
+
+    block = (b"\x83\x86" + literal(b":path", SERVICE.encode() + b"ModelInfer")
+             + literal(b":authority", b"x") + literal(b"content-type", b"application/grpc"))
+    flood = bytearray(PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    for stream in range(1, 2 * 5000, 2):
+        flood += struct.pack(">I", len(block))[1:] + b"\x01\x04" + struct.pack(">I", stream)
+        flood += block + b"\x00\x00\x04\x03\x00" + struct.pack(">II", stream, 8)
+    host, port = native["grpc_url"].rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.settimeout(10)
+        try:
+            sock.sendall(flood)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed on us mid-flood: what we want
+        answer = _read_until_closed(sock)
+    assert _goaway_code(answer) == 0xB  # ENHANCE_YOUR_CALM
+    with grpc.insecure_channel(native["grpc_url"]) as channel:
+        raw = channel.unary_unary(SERVICE + "ModelInfer")(
+            infer_request(np.ones((1, 4), np.float32)), timeout=10)
+    assert answer_of(raw).tolist() == [[2.0] * 4]
 
 
 def test_the_grpcio_front_end_is_a_setting_away(mserve, model_dir):
@@ -173,6 +203,17 @@ def test_a_connection_that_never_speaks_is_closed(mserve, model_dir):
         assert silent.recv(65536)  # our SETTINGS
         _read_until_closed(silent)
         assert time.monotonic() - started < 5
+
+
+def _goaway_code(data: bytes) -> int | None:
+    """The error code of the first GOAWAY frame in ``data`` (frames from the start)."""
+    pos = 0
+    while len(data) - pos >= 9:
+        length, kind = int.from_bytes(data[pos:pos + 3], "big"), data[pos + 3]
+        if kind == 7:
+            return int.from_bytes(data[pos + 13:pos + 17], "big")
+        pos += 9 + length
+    return None
 
 
 def _thread_names(pid: int) -> list[str]:

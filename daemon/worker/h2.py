@@ -11,8 +11,9 @@ What is implemented is what a gRPC server needs: the preface and SETTINGS exchan
 answers, HEADERS with CONTINUATION, padding and priority fields, DATA with flow control both
 ways (sends wait for the peer's WINDOW_UPDATE and are split at its frame size; received
 bytes are given back as they are consumed), RST_STREAM both ways, GOAWAY both ways, a cap on
-concurrent streams (REFUSED_STREAM past it), and back-pressure (reading pauses while the
-transport's write buffer is full). No server push, no priorities (ignored, as RFC 9113
+concurrent streams (REFUSED_STREAM past it), back-pressure (reading pauses while the
+transport's write buffer is full), a deadline for the client preface, and a bound on how fast
+a peer may reset streams (the "rapid reset" attack: ENHANCE_YOUR_CALM). No server push, no priorities (ignored, as RFC 9113
 allows), no h2c upgrade (gRPC clients start with the preface). A protocol error ends the
 connection with GOAWAY and the error code.
 
@@ -41,6 +42,7 @@ END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
+ENHANCE_YOUR_CALM = 0xB
 S_TABLE, S_PUSH, S_STREAMS, S_WINDOW, S_FRAME, S_HEADER_LIST = 1, 2, 3, 4, 5, 6
 
 MAX_FRAME = 1 << 20  # the largest frame we take (advertised)
@@ -49,6 +51,7 @@ CONNECTION_WINDOW = 1 << 24
 MAX_HEADER_BLOCK = 64 * 1024
 CACHE_ENTRIES = 256
 PREFACE_TIMEOUT_S = 10.0
+RESETS_PER_S, RESET_WINDOW_S = 200, 10.0
 _HEADER = struct.Struct(">I")
 
 
@@ -128,8 +131,7 @@ class Connection(asyncio.Protocol):
         self.received = 0  # connection-level bytes not yet given back
         self.continuing: tuple[int, int, bytearray] | None = None  # stream, flags, block
         self.going_away = False
-        self.writable = asyncio.Event()
-        self.writable.set()
+        self.resets, self.resets_since = 0, 0.0
         self.peername = None
 
     # ---- transport --------------------------------------------------------------------
@@ -150,16 +152,13 @@ class Connection(asyncio.Protocol):
         for stream in list(self.streams.values()):
             self._reset_local(stream)
         self.streams.clear()
-        self.writable.set()
         if self.on_close is not None:
             self.on_close(self)
 
     def pause_writing(self) -> None:
-        self.writable.clear()
         self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.writable.set()
         if not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -216,6 +215,7 @@ class Connection(asyncio.Protocol):
             if not flags & ACK:
                 self.transport.write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
+            self._count_reset()
             if (stream := self.streams.pop(stream_id, None)) is not None:
                 stream.closed = True
                 if stream.peer is not None:
@@ -229,6 +229,17 @@ class Connection(asyncio.Protocol):
         elif kind == PUSH_PROMISE:
             raise ProtocolError(PROTOCOL_ERROR, "a client may not push")
         # PRIORITY and unknown frame types are ignored
+
+    def _count_reset(self) -> None:
+        """A peer that cancels streams faster than RESETS_PER_S on average (over a window of
+        RESET_WINDOW_S) makes the server start calls it never lets finish (the "rapid
+        reset" attack): it is sent away."""
+        now = asyncio.get_running_loop().time()
+        if now - self.resets_since > RESET_WINDOW_S:
+            self.resets_since, self.resets = now, 0
+        self.resets += 1
+        if self.resets > RESETS_PER_S * RESET_WINDOW_S:
+            raise ProtocolError(ENHANCE_YOUR_CALM, "too many streams reset")
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         self.received += len(payload)
