@@ -14,14 +14,17 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -m pip install -qq -e '.[test]'
 
-# Deploy the example iris classifier, predict, list. State lives in .mserve-demo/
-# (MSERVE_HOME); stop the daemon with `make demo-stop`.
+# Deploy the example iris classifier and the recs pipeline (docs/pipelines.md), predict, list.
+# State lives in .mserve-demo/ (MSERVE_HOME); stop the daemon with `make demo-stop`.
 demo: install
 	@export MSERVE_HOME=$(DEMO_HOME); set -e; \
 	$(BIN)/mserve daemon start; \
 	$(BIN)/mserve deploy examples/iris/model.onnx --name iris; \
 	echo; echo '$$ mserve predict iris examples/iris/input.json'; \
 	$(BIN)/mserve predict iris examples/iris/input.json; \
+	$(BIN)/mserve deploy examples/recs/model.onnx --name recs --transformer examples/recs/recs.py; \
+	echo; echo '$$ mserve predict recs examples/recs/input.json   # user ids -> top-5 products'; \
+	$(BIN)/mserve predict recs examples/recs/input.json; \
 	echo; echo '$$ mserve list'; \
 	$(BIN)/mserve list; \
 	echo; echo "Try: MSERVE_HOME=$(DEMO_HOME) $(BIN)/mserve --help   (stop it: make demo-stop)"

@@ -40,7 +40,8 @@ MODES = {"serverless": "Serverless", "standard": "RawDeployment"}  # deploymentM
 # Options as `mserve serve` flags, with the value that needs no flag.
 SERVE_FLAGS = (("device", "--device", "auto"), ("max_batch_size", "--max-batch-size", None),
                ("batch_delay_ms", "--batch-delay-ms", None), ("max_queue", "--max-queue", None),
-               ("max_body_mb", "--max-body-mb", 64), ("instances", "--instances", 1))
+               ("max_body_mb", "--max-body-mb", 64), ("instances", "--instances", 1),
+               ("threads", "--threads", None))
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,9 @@ def triton_config(name: str, options: dict, batchable: bool) -> str:
         lines.append("dynamic_batching { " + "".join(f"{b} " for b in batching) + "}")
     if int(options.get("instances") or 1) > 1:
         lines.append(f"instance_group [ {{ count: {int(options['instances'])} }} ]")
+    if options.get("threads"):  # what Triton's ONNX Runtime backend reads for it
+        lines.append('parameters { key: "intra_op_thread_count" value: { string_value: '
+                     f'"{int(options["threads"])}" }} }}')
     return "\n".join(lines) + "\n"
 
 

@@ -22,7 +22,8 @@ from mserve.daemon import faults
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import (Plan, canary_percent, check_batching, check_same_place,
-                                default_name, hash_token, input_changes, signature_changes)
+                                check_threads, default_name, hash_token, input_changes,
+                                signature_changes)
 from mserve.daemon.supervisor import READY
 from mserve.daemon.views import size, user_words
 from mserve.daemon.workerconfig import (free_port, load_timeout, store_tls, used_ports,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mserve.daemon")
 DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
-                   "max_queue": None, "instances": 1, "max_body_mb": 64,
+                   "max_queue": None, "instances": 1, "threads": None, "max_body_mb": 64,
                    "sticky_header": None, "keep": 5, "log_payloads": False,
                    "batching": "auto"}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
@@ -60,6 +61,7 @@ class Deployer:
         if problem := check_name(name):
             raise BadRequest(problem)
         check_batching(req)
+        check_threads(req)
         async with self.d._locks[name]:
             return await self._deploy(name, source, req)
 
@@ -72,7 +74,8 @@ class Deployer:
         def copied(done: int, total: int) -> None:
             loop.call_soon_threadsafe(report, {"step": "copy", "done": done, "total": total})
 
-        artifact = await asyncio.to_thread(self.d.store.ingest, source, copied)
+        script = _script(req)
+        artifact = await asyncio.to_thread(self.d.store.ingest, source, copied, script)
         self.d.ingesting.add(artifact.sha256)
         try:
             await asyncio.to_thread(faults.pause, "after-copy")
@@ -98,7 +101,8 @@ class Deployer:
                         "deployment": self.d.describe(self.d.get(name))}
         number = self.d.state.next_version(name)
         version = {"number": number, "sha256": artifact.sha256, "size": artifact.size,
-                   "source": artifact.source}
+                   "source": artifact.source,
+                   "transformer": artifact.transformer.to_json() if artifact.transformer else None}
         canary = canary_percent(req, existing)
         changes: list[str] = []
         try:
@@ -126,8 +130,12 @@ class Deployer:
         log.info("deployed %s version %s (sha256 %s, %s, from %s)%s", name, number,
                  artifact.sha256[:12], size(artifact.size), artifact.source,
                  f" as a {canary}% canary" if canary else "")
+        if artifact.transformer:
+            log.info("version %s of %s runs transformer %s (sha256 %s), trusted code",
+                     number, name, artifact.transformer.script, artifact.transformer.sha256[:12])
         d = self.d.state.deployment(name)
         return {"changed": True, "name": name, "version": number, "sha256": artifact.sha256,
+                "transformer": version["transformer"],
                 "previous": existing["active_version"] if existing else None,
                 "signature_changed": changes, "deployment": self.d.describe(d)}
 
@@ -156,7 +164,8 @@ class Deployer:
             return []
         name = d["name"]
         if reload := [k for k in changed if k in RELOAD_KEYS]:
-            raise Conflict(f"--{', --'.join(k.replace('_', '-') for k in reload)} change how a "
+            verb = "changes" if len(reload) == 1 else "change"
+            raise Conflict(f"--{', --'.join(k.replace('_', '-') for k in reload)} {verb} how a "
                            f"version is loaded; the bytes of '{name}' are those of its active "
                            f"version {d['active_version']}, so nothing would load them again",
                            hint="deploy a new version to use them, or undeploy and deploy")
@@ -217,7 +226,8 @@ class Deployer:
         else:
             plan = Plan(version["number"], None, d["labels"], old)
         _progress.get()({"step": "validate"})
-        probed = await self.d.probe(path, options["device"], options.get("batching"))
+        script = self.d.store.script_of(version)
+        probed = await self.d.probe(path, options["device"], options.get("batching"), script)
         changes = signature_changes((self.d.state.version(name, old) or {}).get("meta"), probed)
         if canary and input_changes(changes) and not allow_change:
             self._refuse(name, f"the canary's inputs differ from version {old}'s "
@@ -230,7 +240,7 @@ class Deployer:
             return event["versions"][str(version["number"])], changes
         _progress.get()({"step": "load"})
         reply = await worker.request("load", load_timeout(), number=version["number"],
-                                     path=path, options=options)
+                                     path=path, transformer=script, options=options)
         _progress.get()({"step": "switch"})
         await self.d.apply(d, plan, extra=[version])
         return reply["meta"], changes
@@ -239,3 +249,13 @@ class Deployer:
         with contextlib.suppress(sqlite3.Error):
             self.d.state.add_event(name, "deploy-refused", None, message)
         raise Conflict(message)
+
+
+def _script(req: dict) -> Path | None:
+    """The request's transformer script (``--transformer``): an absolute path, or None."""
+    if not req.get("transformer"):
+        return None
+    script = Path(req["transformer"])
+    if not script.is_absolute():
+        raise BadRequest("transformer must be an absolute path")
+    return script

@@ -62,6 +62,8 @@ class Deployments:
                          if d["options"].get("grpc_port") else None),
             "host": d["host"], "device": active.get("meta", {}).get("device"),
             "batching": active.get("meta", {}).get("batching"),
+            "transformer": active.get("transformer"),  # the active version's, or None
+            "threads": d["options"].get("threads"),  # None: ONNX Runtime's default
             "versions": len(self.state.versions(d["name"])),
             "pid": worker.pid if worker else None,
             "restarts": worker.restarts if worker else 0,
@@ -113,6 +115,10 @@ class Deployments:
         v = self.state.version(self.get(name)["name"], number)
         if v is None or v["state"] == st.PRUNED or not self.store.has(v["sha256"]):
             raise NotFound(f"version {number} of '{name}' is not in the model store")
+        if v.get("transformer"):  # the exported runtime would serve the model without it
+            raise Conflict(f"version {number} of '{name}' runs transformer "
+                           f"{v['transformer']['script']}; exporting a pipeline is not "
+                           "supported yet (export a version without --transformer)")
         destination = Path(target)
         if not destination.is_absolute():
             raise BadRequest("'to' must be an absolute path")
@@ -165,15 +171,19 @@ class Deployments:
                 if v["state"] == st.PRUNED:
                     raise Conflict(f"version {n} of '{name}' was pruned from disk")
                 await worker.request("load", load_timeout(), number=n, options=d["options"],
-                                     path=str(self.store.path_of(v["sha256"])))
+                                     path=str(self.store.path_of(v["sha256"])),
+                                     transformer=self.store.script_of(v))
         await worker.request("activate", 10, number=plan.active, keep=plan.keep,
                              route=plan.route(d), token_hash=d["token_hash"],
                              options=d["options"])  # so the worker's options are the state's
         return None
 
-    async def probe(self, path: str, device: str, batching: str = "auto") -> dict:
-        """Load, warm and check ``path`` in a short-lived process (validation.py)."""
-        return await validation.probe(self.python, path, device, batching, load_timeout())
+    async def probe(self, path: str, device: str, batching: str = "auto",
+                    transformer: str | None = None) -> dict:
+        """Load, warm and check ``path`` (with its transformer script, run once on the
+        warm-up sample) in a short-lived process (validation.py)."""
+        return await validation.probe(self.python, path, device, batching, load_timeout(),
+                                      transformer)
 
     # ---- rollback, undeploy ------------------------------------------------------------
     async def undeploy(self, name: str) -> dict:

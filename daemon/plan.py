@@ -75,6 +75,19 @@ def check_batching(req: dict) -> None:
         raise BadRequest("--batching must be auto, on or off")
 
 
+MAX_THREADS = 1024
+THREADS_HELP = ("ONNX Runtime intra-op threads per session (default: ONNX Runtime's own "
+                "choice, one per physical core).")
+
+
+def check_threads(req: dict) -> None:
+    """``threads``: None (ONNX Runtime's default) or a whole number from 1 to MAX_THREADS."""
+    threads = req.get("threads")
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
+        raise BadRequest(f"--threads must be a whole number from 1 to {MAX_THREADS}, "
+                         f"got {threads!r}")
+
+
 def signature_changes(old: dict | None, new: dict | None) -> list[str]:
     """How the inputs and outputs of ``new`` (version metadata) differ from ``old``'s, one
     line each: added, removed, or another datatype or shape. Empty when they agree."""

@@ -65,9 +65,16 @@ def _m002_traffic(db: sqlite_utils.Database) -> None:
     db["deployments"].add_column("labels", str)
 
 
+def _m003_transformer(db: sqlite_utils.Database) -> None:
+    """A version's transformer (JSON: script, sha256 of its folder, size, model_sha256; NULL
+    for a version without one)."""
+    db["versions"].add_column("transformer", str)
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite_utils.Database], None]]] = [
     ("001_initial", _m001_initial),
     ("002_traffic", _m002_traffic),
+    ("003_transformer", _m003_transformer),
 ]
 
 
@@ -223,6 +230,9 @@ class State:
                     " WHERE name = ?",
                     [json.dumps(deployment["options"]), deployment.get("token_hash"), now(), name])
             detail = f"sha256 {version['sha256'][:12]} from {version['source']}"
+            if pipeline := version.get("transformer"):
+                detail += (f", transformer {pipeline['script']} (trusted code, sha256 "
+                           f"{pipeline['sha256'][:12]})")
             if canary:
                 self._insert_version(name, version, CANARY)
                 active = self.deployment(name)["active_version"]
@@ -295,9 +305,10 @@ class State:
     def _insert_version(self, name: str, v: dict, state: str, error: str | None = None) -> None:
         self.db.execute(
             "INSERT INTO versions (deployment, number, sha256, size, source, created, state,"
-            " error, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " error, meta, transformer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [name, v["number"], v["sha256"], v["size"], v["source"], now(), state, error,
-             json.dumps(v.get("meta") or {})])
+             json.dumps(v.get("meta") or {}),
+             json.dumps(v["transformer"]) if v.get("transformer") else None])
 
     def _set_traffic(self, name: str, traffic: dict[int, int] | None) -> None:
         """Store the split; versions with a share (other than the active one) are canaries,
@@ -342,6 +353,8 @@ def _decode(row: dict) -> dict:
     for key in ("options", "meta", "labels"):
         if key in row and isinstance(row[key], str):
             row[key] = json.loads(row[key]) if row[key] else {}
+    if isinstance(row.get("transformer"), str):
+        row["transformer"] = json.loads(row["transformer"])
     if "labels" in row and row["labels"] is None:
         row["labels"] = {}
     if row.get("traffic"):

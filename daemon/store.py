@@ -4,6 +4,11 @@ A model file is stored with the external-data files it references (kept at their
 relative to it, since ONNX Runtime resolves them from the model's folder); a folder is
 stored whole, its ``model.onnx`` (or its one ``*.onnx``, renamed) as the model.
 
+A version deployed with a transformer (``--transformer script.py``) is one artifact holding
+both: the model as above and the script's folder under ``.mserve-transformer/`` (transformer.py
+says what is taken); its sha256 is a hash over the model's hash, the script's name and the
+folder's tree hash, so the same model with another script is another artifact.
+
 An artifact is copied to a temporary folder, fsynced, then renamed into place, so a folder
 named by a hash is always complete. Later edits to the user's file change nothing here.
 """
@@ -21,8 +26,10 @@ from pathlib import Path, PurePosixPath
 
 from mserve.daemon import faults, onnxproto
 from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.pipelinefiles import pipeline_files
 
 MODEL_FILE = "model.onnx"
+TRANSFORMER_DIR = ".mserve-transformer"  # a version's transformer folder in its artifact
 TMP_PREFIX = ".tmp-"
 CHUNK = 1 << 20
 
@@ -40,6 +47,22 @@ class Artifact:
     size: int
     path: Path  # the model.onnx inside the store
     source: str
+    transformer: Pipeline | None = None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What a version's transformer is: its script's name in its folder, the folder's tree
+    hash, its size and the hash of the model beside it (as ``versions.transformer``)."""
+
+    script: str
+    sha256: str
+    size: int
+    model_sha256: str
+
+    def to_json(self) -> dict:
+        return {"script": self.script, "sha256": self.sha256, "size": self.size,
+                "model_sha256": self.model_sha256}
 
 
 class Store:
@@ -48,6 +71,13 @@ class Store:
 
     def path_of(self, sha256: str) -> Path:
         return self.root / sha256 / MODEL_FILE
+
+    def script_of(self, version: dict) -> str | None:
+        """The stored script of a version row that has a transformer, else None."""
+        pipeline = version.get("transformer")
+        if not pipeline:
+            return None
+        return str(self.root / version["sha256"] / TRANSFORMER_DIR / pipeline["script"])
 
     def has(self, sha256: str) -> bool:
         return self.path_of(sha256).is_file()
@@ -62,11 +92,22 @@ class Store:
                     removed.append(entry.name)
         return removed
 
-    def ingest(self, source: Path, progress: Progress | None = None) -> Artifact:
+    def ingest(self, source: Path, progress: Progress | None = None,
+               transformer: Path | None = None) -> Artifact:
         """Copy a model file and its external data, or a folder holding ``model.onnx`` or
-        one ``*.onnx``, into the store; ``progress(done, total)`` is called as bytes are
-        copied and hashed."""
+        one ``*.onnx``, into the store, with the folder of ``transformer`` (a script) when
+        given; ``progress(done, total)`` is called as bytes are copied and hashed."""
         files = _source_files(source)
+        if any(rel.split("/")[0] == TRANSFORMER_DIR for rel, _ in files):
+            raise BadRequest(f"'{source}' holds '{TRANSFORMER_DIR}', a name mserve keeps for "
+                             "transformers; rename it")
+        script = None
+        if transformer is not None:
+            # The model (and a file's external data) is stored once, even beside the script;
+            # a model folder's other files may be the script's own data, so they stay.
+            model = {src for rel, src in files if not source.is_dir() or rel == MODEL_FILE}
+            script, extra = pipeline_files(transformer, model)
+            files += [(f"{TRANSFORMER_DIR}/{rel}", src) for rel, src in extra]
         total = sum(src.stat().st_size for _, src in files)
         copied = [0]
 
@@ -83,7 +124,7 @@ class Store:
             for rel, src in files:
                 digests[rel], n = _copy_hashed(src, tmp / rel, advance)
                 size += n
-            sha = _artifact_hash(digests, source.is_dir())
+            sha = _artifact_hash(digests, source.is_dir(), script)
             fsync_path(tmp)
             final = self.root / sha
             if final.is_dir():
@@ -94,7 +135,8 @@ class Store:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise _store_error(exc, source) from None
-        return Artifact(sha256=sha, size=size, path=final / MODEL_FILE, source=str(source))
+        return Artifact(sha256=sha, size=size, path=final / MODEL_FILE, source=str(source),
+                        transformer=_pipeline(digests, source.is_dir(), script, files))
 
 
 def model_in(folder: Path) -> Path | None:
@@ -230,13 +272,46 @@ def _copy_hashed(src: Path, dst: Path, advance=lambda n: None) -> tuple[str, int
     return digest.hexdigest(), size
 
 
-def _artifact_hash(digests: dict[str, str], is_folder: bool) -> str:
+def _artifact_hash(digests: dict[str, str], is_folder: bool, script: str | None = None) -> str:
     """A lone file is named by its own sha256 (what ``sha256sum`` prints); a folder by the
-    hash of its sorted manifest of names and file hashes."""
+    hash of its sorted manifest of names and file hashes; a model with a transformer by the
+    hash of both (``pipeline_hash``)."""
+    if script is not None:
+        model, tree = _split_digests(digests)
+        return pipeline_hash(_artifact_hash(model, is_folder), script, tree_hash(tree))
     if not is_folder and list(digests) == [MODEL_FILE]:
         return digests[MODEL_FILE]
+    return tree_hash(digests)
+
+
+def tree_hash(digests: dict[str, str]) -> str:
+    """The hash of a sorted manifest of names and file hashes (``sha256sum`` lines)."""
     manifest = "".join(f"{digests[rel]}  {rel}\n" for rel in sorted(digests))
     return hashlib.sha256(manifest.encode()).hexdigest()
+
+
+def pipeline_hash(model_sha: str, script: str, tree_sha: str) -> str:
+    """A version's hash when it has a transformer: over the model's hash, which file of the
+    transformer's folder is the script, and that folder's tree hash."""
+    text = f"mserve pipeline\nmodel {model_sha}\ntransformer {script} {tree_sha}\n"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _split_digests(digests: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    prefix = TRANSFORMER_DIR + "/"
+    model = {rel: d for rel, d in digests.items() if not rel.startswith(prefix)}
+    tree = {rel[len(prefix):]: d for rel, d in digests.items() if rel.startswith(prefix)}
+    return model, tree
+
+
+def _pipeline(digests: dict[str, str], is_folder: bool, script: str | None,
+              files: list[tuple[str, Path]]) -> Pipeline | None:
+    if script is None:
+        return None
+    model, tree = _split_digests(digests)
+    size = sum(src.stat().st_size for rel, src in files
+               if rel.startswith(TRANSFORMER_DIR + "/"))
+    return Pipeline(script, tree_hash(tree), size, _artifact_hash(model, is_folder))
 
 
 def fsync_path(path: Path) -> None:

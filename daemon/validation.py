@@ -16,13 +16,16 @@ from mserve.daemon.errors import DeployFailed
 
 
 async def probe(python: str, path: str, device: str, batching: str | None,
-                timeout: float) -> dict:
-    """The version's metadata as the child reports it; DeployFailed with a plain reason."""
+                timeout: float, transformer: str | None = None) -> dict:
+    """The version's metadata as the child reports it; DeployFailed with a plain reason.
+    With ``transformer`` the child also imports that script, makes its Transformer and runs
+    preprocess, the model and postprocess once on the warm-up sample."""
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "mserve.daemon.worker.probe", path, device, batching or "auto",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "MSERVE_PROBE_PARENT": str(os.getpid()),
-             "MSERVE_PROBE_TIMEOUT": str(timeout)})
+             "MSERVE_PROBE_TIMEOUT": str(timeout),
+             "MSERVE_PROBE_TRANSFORMER": transformer or ""})
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:

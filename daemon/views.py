@@ -20,6 +20,7 @@ def version_view(v: dict) -> dict:
             "created": v["created"], "source": v["source"], "state": v["state"],
             "device": meta.get("device"), "batchable": meta.get("batchable"),
             "batching": meta.get("batching"),
+            "transformer": v.get("transformer"),
             "error": v.get("error")}
 
 

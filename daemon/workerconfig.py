@@ -50,7 +50,8 @@ def worker_config(paths: Paths, store: Store, d: dict, versions: list[tuple[dict
         "daemon_log": str(paths.daemon_log), "respawn_daemon": respawn_daemon(),
         "start_timeout_s": load_timeout() * 1.25 + 2,
         "versions": [{"number": v["number"], "path": str(store.path_of(v["sha256"])),
-                      "active": active} for v, active in versions if v],
+                      "transformer": store.script_of(v), "active": active}
+                     for v, active in versions if v],
     }
 
 

@@ -365,7 +365,7 @@ def test_resize_applies_a_new_message_limit_at_once(tmp_path, monkeypatch, front
 
 async def _resize(path, front: str):
     from mserve.daemon.worker import runtime
-    from mserve.daemon.worker.app import Serving
+    from mserve.daemon.worker.serving import Serving
     from mserve.daemon.worker.grpc_serve import NeedsRestart
     from mserve.daemon.worker.grpc_server import start_grpc
 

@@ -13,6 +13,7 @@ from mserve.cli.render import BadUsage, JsonOption, emit_json, say
 from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import MserveError
 from mserve.daemon.paths import check_name
+from mserve.daemon.plan import MAX_THREADS, THREADS_HELP
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -34,6 +35,11 @@ class Batching(str, Enum):
     off = "off"
 
 
+TransformerOption = Annotated[Optional[Path], typer.Option(
+    help="A Python file with a Transformer class (preprocess/postprocess around the model; "
+         "see docs/pipelines.md). It and the other files in its folder become part of the "
+         "version. Trusted code: it runs in the worker.", show_default=False)]
+
 BATCHING_HELP = ("auto: batch concurrent requests only when the version is proven batchable at "
                  "load (dim 0 is the batch and a joined run equals separate runs); on: batch "
                  "whenever every input has a dynamic dim 0; off: never.")
@@ -46,6 +52,7 @@ def deploy(
         show_default=False)],
     name: Annotated[Optional[str], typer.Option(
         "--name", "-n", help="Deployment name (default: the file's stem).")] = None,
+    transformer: TransformerOption = None,
     port: Annotated[Optional[int], typer.Option(
         min=1, max=65535, help="HTTP port for a new deployment (default: a free one).")] = None,
     grpc_port: Annotated[Optional[int], typer.Option(
@@ -79,6 +86,8 @@ def deploy(
         min=0.001, help="Largest request body in MiB; past it answers 413 (default 64).")] = None,
     instances: Annotated[Optional[int], typer.Option(
         min=1, max=64, help="ONNX Runtime sessions per version.")] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, max=MAX_THREADS, help=THREADS_HELP)] = None,
     token: RequireTokenOption = None,
     token_file: TokenFileOption = None,
     tls_cert: Annotated[Optional[Path], typer.Option(
@@ -109,12 +118,13 @@ def deploy(
         sys.stderr.write(f"Warning: binding {host} without --token: anyone who can reach this "
                          "machine can use the model\n")
     request = {"path": str(path.expanduser().absolute()), "name": name, "port": port,
+               "transformer": _absolute(transformer),
                "grpc_port": grpc_port, "canary": canary, "sticky_header": sticky_header,
                "keep": keep, "log_payloads": log_payloads,
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
-               "batching": batching.value if batching else None,
+               "threads": threads, "batching": batching.value if batching else None,
                "allow_signature_change": allow_signature_change,
                "token": token, "tls_cert": _absolute(tls_cert), "tls_key": _absolute(tls_key)}
     client = autostart.client()
@@ -131,7 +141,9 @@ def deploy(
             f"bytes; nothing changed ({d['url']})")
         return
     share = f" as a canary taking {canary}% of traffic" if canary else ""
-    say(f"Deployed {answer['name']} version {answer['version']}{share} at {d['url']} "
+    script = f" with transformer {answer['transformer']['script']}" \
+        if answer.get("transformer") else ""
+    say(f"Deployed {answer['name']} version {answer['version']}{script}{share} at {d['url']} "
         f"(device {d['device']})")
     if answer.get("signature_changed"):
         sys.stderr.write(f"Warning: the signature differs from version {answer['previous']}: "

@@ -17,12 +17,13 @@ from typing import Annotated, Optional
 import typer
 
 from mserve.cli import tokens
-from mserve.cli.commands.deploy import BATCHING_HELP, LOOPBACK, Batching, Device
+from mserve.cli.commands.deploy import (BATCHING_HELP, LOOPBACK, Batching, Device,
+                                        TransformerOption)
 from mserve.cli.render import BadUsage
 from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import BadRequest
 from mserve.daemon.paths import check_name
-from mserve.daemon.plan import hash_token
+from mserve.daemon.plan import MAX_THREADS, THREADS_HELP, hash_token
 from mserve.daemon.store import MODEL_FILE, model_in
 
 
@@ -40,6 +41,7 @@ def serve(
     name: Annotated[Optional[str], typer.Option(
         "--name", "-n", help="Model name in the protocol's paths (default: the file's stem, "
                              "or the folder's name).")] = None,
+    transformer: TransformerOption = None,
     device: Annotated[Device, typer.Option(
         help="auto tries CUDA and falls back to the CPU.")] = Device.auto,
     max_batch_size: Annotated[Optional[int], typer.Option(
@@ -54,6 +56,8 @@ def serve(
         min=0.001, help="Largest request body in MiB; past it answers 413.")] = 64,
     instances: Annotated[int, typer.Option(
         min=1, max=64, help="ONNX Runtime sessions.")] = 1,
+    threads: Annotated[Optional[int], typer.Option(
+        min=1, max=MAX_THREADS, help=THREADS_HELP)] = None,
     token: RequireTokenOption = None,
     token_file: TokenFileOption = None,
     tls_cert: Annotated[Optional[Path], typer.Option(
@@ -92,7 +96,7 @@ def serve(
                          "this port can use the model\n")
     options = {"device": device.value, "max_batch_size": max_batch_size,
                "batch_delay_ms": batch_delay_ms, "max_queue": max_queue,
-               "max_body_mb": max_body_mb, "instances": instances,
+               "max_body_mb": max_body_mb, "instances": instances, "threads": threads,
                "batching": batching.value, "grpc_port": grpc_port or None}
     if tls_cert is not None:
         options["tls"] = {"cert": str(tls_cert.absolute()), "key": str(tls_key.absolute())}
@@ -101,7 +105,8 @@ def serve(
               "options": options, "bind_retry_s": 0,
               "drain_s": float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30")),
               "drain_grace_s": drain_grace,
-              "versions": [{"number": number, "path": str(model.absolute()), "active": True}]}
+              "versions": [{"number": number, "path": str(model.absolute()), "active": True,
+                            "transformer": _script(transformer)}]}
     # Until the worker installs its own handlers, SIGTERM stops a long load at once (a
     # container's PID 1 would otherwise ignore it).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -109,6 +114,17 @@ def serve(
 
     if worker.main(["mserve serve", json.dumps(config)]) != 0:
         raise typer.Exit(1)  # the worker printed the reason
+
+
+def _script(transformer: Path | None) -> str | None:
+    """The transformer script, run where it is (``serve`` keeps no store)."""
+    if transformer is None:
+        return None
+    from mserve.daemon.pipelinefiles import check_script
+
+    script = transformer.expanduser().absolute()
+    check_script(script)
+    return str(script)
 
 
 def locate(path: Path) -> tuple[Path, int, str | None]:

@@ -6,6 +6,7 @@ import typer
 
 from mserve.cli import autostart
 from mserve.cli.commands.listing import live_columns
+from mserve.cli.commands.versions import transformer_text
 from mserve.cli.render import JsonOption, ago, emit_json, say, table
 
 
@@ -29,14 +30,16 @@ def status(
         ("worker", f"pid {d['pid']}, {memory}, {d['restarts']} restarts"),
         ("last minute", f"{requests} requests, errors {errors}, p50 {p50}, p99 {p99}"),
         ("batching", _batching_text(d.get("batching"))),
+        ("transformer", transformer_text(d.get("transformer"))),
         ("options", options + (", token required" if d["auth"] else "")),
         ("last error", d["error"] or "-"),
     ]:
         say(f"  {label + ':':<13}{value}")
     say("")
-    table(["version", "state", "batching", "sha256", "created"],
+    table(["version", "state", "batching", "sha256", "transformer", "created"],
           [[v["version"], v["state"], _batching_word(v.get("batching")), v["sha256"][:12],
-            ago(v["created"])] for v in d["versions_detail"]])
+            transformer_text(v.get("transformer")), ago(v["created"])]
+           for v in d["versions_detail"]])
     say("")
     history_table(d["events"])
 

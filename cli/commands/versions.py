@@ -20,7 +20,14 @@ def versions(
     if json_out:
         emit_json(rows)
         return
-    table(["version", "state", "loaded", "on disk", "sha256", "size", "created", "source"],
+    table(["version", "state", "loaded", "on disk", "sha256", "size", "transformer", "created",
+           "source"],
           [[v["version"], v["state"], "yes" if v["loaded"] else "no",
             "yes" if v["on_disk"] else "no", v["sha256"][:12], human_size(v["size"]),
-            ago(v["created"]), v["source"]] for v in rows])
+            transformer_text(v.get("transformer")), ago(v["created"]), v["source"]]
+           for v in rows])
+
+
+def transformer_text(pipeline: dict | None) -> str:
+    """A version's transformer: its script and the hash of its folder, or '-'."""
+    return f"{pipeline['script']} {pipeline['sha256'][:12]}" if pipeline else "-"

@@ -54,13 +54,21 @@ def model_config(name: str, model, options: dict, *, versions: list[int] | None 
                          "gather_kernel_buffer_threshold": 0, "eager_batching": False},
         "instance_group": [_instance_group(name, model)],
         "default_model_filename": posixpath.basename(str(model.path).replace("\\", "/")),
-        "cc_model_filenames": {}, "metric_tags": {}, "parameters": {}, "model_warmup": [],
+        "cc_model_filenames": {}, "metric_tags": {}, "parameters": _parameters(options),
+        "model_warmup": [],
         "model_transaction_policy": {"decoupled": False},
         "response_cache": {"enable": False},
     }
     if batched:
         config["dynamic_batching"] = _dynamic_batching(options)
     return config
+
+
+def _parameters(options: dict) -> dict:
+    """The ONNX Runtime thread count as Triton's ONNX Runtime backend takes it (absent: the
+    runtime's default, one thread per physical core)."""
+    threads = options.get("threads")
+    return {"intra_op_thread_count": {"string_value": str(int(threads))}} if threads else {}
 
 
 def _version_policy(versions: list[int] | None) -> dict:

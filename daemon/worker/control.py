@@ -26,7 +26,7 @@ from pathlib import Path
 
 from mserve.daemon.errors import MserveError
 from mserve.daemon.worker import runtime
-from mserve.daemon.worker.app import Serving
+from mserve.daemon.worker.serving import Serving
 
 log = logging.getLogger("mserve.worker")
 HELLO_TIMEOUT_S = 5.0
@@ -90,7 +90,8 @@ class Control:
             if "options" in msg:
                 await self.apply_options({**self.serving.options, **msg["options"]})
             model = await asyncio.to_thread(runtime.load, msg["number"], msg["path"],
-                                            **load_options(self.serving.options))
+                                            **load_options(self.serving.options),
+                                            transformer=msg.get("transformer"))
             self.serving.add(model)
             return {"meta": model.meta()}
         if op == "activate":

@@ -19,7 +19,7 @@ import asyncio
 import grpc
 from google.protobuf.message import DecodeError
 
-from mserve.daemon.worker.app import Serving
+from mserve.daemon.worker.serving import Serving
 from mserve.daemon.worker.proto import health_pb2 as pb
 
 SERVICE = "grpc.health.v1.Health"

@@ -34,7 +34,7 @@ import grpc
 from grpc import aio
 
 from mserve.daemon.errors import Conflict
-from mserve.daemon.worker.app import Serving
+from mserve.daemon.worker.serving import Serving
 from mserve.daemon.worker.grpc_health import Health
 from mserve.daemon.worker.grpc_limits import quiet_grpc_logs
 from mserve.daemon.worker.grpc_native import NativeServer

@@ -35,7 +35,7 @@ from grpc import aio
 from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unavailable
 from mserve.daemon.protocol import modelconfig
 from mserve.daemon.worker import codecs, grpc_codec
-from mserve.daemon.worker.app import Serving
+from mserve.daemon.worker.serving import Serving
 from mserve.daemon.worker.grpc_limits import Busy, Limits, Settings
 from mserve.daemon.worker.proto import grpc_service_pb2 as pb
 from mserve.daemon.worker.requestlog import Call
@@ -166,7 +166,7 @@ class Servicer:
         """Raw bytes in and out: the sizes go to the request log, and a message that does
         not parse is INVALID_ARGUMENT rather than a transport error."""
         call = Call(started=time.perf_counter(), request_id=headers.get("x-request-id"),
-                    client=_peer(context))
+                    client=_peer(context), headers=headers)
         try:
             return await self.infer(raw, call, headers)
         except Exception:  # the version was chosen: the error's trailers name it

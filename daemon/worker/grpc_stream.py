@@ -63,7 +63,7 @@ class Stream:
 
     async def answer(self, raw: bytes) -> bytes:
         """One message's serialized ModelStreamInferResponse."""
-        call = Call(started=time.perf_counter(), client=self.peer)
+        call = Call(started=time.perf_counter(), client=self.peer, headers=self.headers)
         limits, held = self.servicer.limits, 0
         try:
             limits.take(len(raw), True)

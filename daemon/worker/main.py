@@ -31,7 +31,8 @@ from mserve.daemon import faults
 from mserve.daemon.errors import MserveError
 from mserve.daemon.fdlimit import raise_fd_limit
 from mserve.daemon.worker import runtime
-from mserve.daemon.worker.app import Serving, WorkerApp, configure_logging
+from mserve.daemon.worker.app import WorkerApp, configure_logging
+from mserve.daemon.worker.serving import Serving
 from mserve.daemon.worker.control import Control, ControlServer, load_options
 from mserve.daemon.worker.http import HttpServer
 from mserve.daemon.worker.lifecycle import LogRotation, Record, StartDeadline
@@ -134,7 +135,8 @@ def load_versions(config: dict) -> tuple[list, int]:
     opts, models, active = config["options"], [], None
     for entry in config["versions"]:
         try:
-            model = runtime.load(entry["number"], entry["path"], **load_options(opts))
+            model = runtime.load(entry["number"], entry["path"], **load_options(opts),
+                                 transformer=entry.get("transformer"))
         except MserveError as exc:
             if entry.get("active"):
                 raise

@@ -75,6 +75,13 @@ class Metrics:
                 latency = self.latency[version] = LoopHistogram()
             latency.observe(seconds)
 
+    def observe_pipeline(self, version: str, pre_s: float, post_s: float | None) -> None:
+        """A request's time in its version's transformer (preprocess, postprocess)."""
+        run = self.version(version)
+        run.preprocess_time.observe(pre_s)
+        if post_s is not None:
+            run.postprocess_time.observe(post_s)
+
     def rejected(self, protocol: str, reason: str, inference: bool) -> None:
         """A call refused by a limit before a version was chosen (a gRPC call past the cap
         of calls or bytes). An inference call also counts as a request that failed with 503,
@@ -91,12 +98,15 @@ class Metrics:
 class RunMetrics:
     """One version's queue and run figures, updated by its batcher on the event loop."""
 
-    __slots__ = ("queue_time", "inference_time", "batch_size", "inline_runs", "depth")
+    __slots__ = ("queue_time", "inference_time", "batch_size", "inline_runs", "depth",
+                 "preprocess_time", "postprocess_time")
 
     def __init__(self):
         self.queue_time = LoopHistogram()
         self.inference_time = LoopHistogram()
         self.batch_size = LoopHistogram(BATCH_BUCKETS)
+        self.preprocess_time = LoopHistogram()  # a transformer's, per request
+        self.postprocess_time = LoopHistogram()
         self.inline_runs = 0
         self.depth = 0  # requests waiting for or in a model run
 
@@ -131,7 +141,11 @@ class _LoopCollector:
              "Time a request waited before its model run began.", "queue_time"),
             ("mserve_inference_duration_seconds", "Duration of one session.run (one batch).",
              "inference_time"),
-            ("mserve_batch_size", "Requests combined into one model run.", "batch_size"))
+            ("mserve_batch_size", "Requests combined into one model run.", "batch_size"),
+            ("mserve_request_preprocess_seconds",
+             "Time in the transformer's preprocess, per request.", "preprocess_time"),
+            ("mserve_request_postprocess_seconds",
+             "Time in the transformer's postprocess, per request.", "postprocess_time"))
 
     def __init__(self, metrics: Metrics):
         self.m = metrics

@@ -2,8 +2,10 @@
 ONNX Runtime cannot take down the worker that serves the current version.
 
 ``python -m mserve.daemon.worker.probe PATH DEVICE [BATCHING]`` prints one JSON line: the
-model's metadata (its batching decision included), or ``{"error": ...}`` (exit 1). It ends
-itself when the daemon that asked dies, or past the load timeout: nobody else would.
+model's metadata (its batching decision included), or ``{"error": ...}`` (exit 1). With
+``MSERVE_PROBE_TRANSFORMER=SCRIPT`` it also imports that transformer, makes it and runs it
+with the model once on the warm-up sample. It ends itself when the daemon that asked dies,
+or past the load timeout: nobody else would.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def main(argv: list[str]) -> int:
 
     path, device = argv[1], argv[2]
     batching = argv[3] if len(argv) > 3 else "auto"
+    transformer = os.environ.get("MSERVE_PROBE_TRANSFORMER") or None
     try:
-        model = runtime.load(0, path, device, batching=batching)
+        model = runtime.load(0, path, device, batching=batching, transformer=transformer)
     except MserveError as exc:
         out.write(json.dumps({"error": exc.message}) + "\n")
         return 1

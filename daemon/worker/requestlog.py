@@ -1,7 +1,8 @@
 """One JSON line per inference request, in ``logs/NAME.requests.jsonl``, rotated by size.
 
 Fields: time, id (X-Request-ID, else the body's id, else a generated one), version, status,
-latency_ms, queue_ms, batch (requests in its model run), bytes_in, bytes_out, client. Tensor
+latency_ms, queue_ms, batch (requests in its model run), bytes_in, bytes_out, client, and for
+a version with a transformer preprocess_ms, model_ms and postprocess_ms. Tensor
 contents are never written unless the deployment was deployed with ``--log-payloads``.
 Lines are buffered and flushed at least once a second.
 """
@@ -38,6 +39,10 @@ class Call:
     input_s: float = 0.0
     infer_s: float = 0.0
     output_s: float = 0.0
+    # With a transformer: seconds in its preprocess and postprocess (None without one).
+    pre_s: float | None = None
+    post_s: float | None = None
+    headers: dict | None = None  # the request's headers (gRPC: metadata), for a transformer
     payload_in: bytes | None = None  # kept only with --log-payloads
     payload_out: bytes | None = None
 
@@ -63,6 +68,7 @@ class RequestLog:
             "latency_ms": round(latency_s * 1000, 3), "queue_ms": call.queue_ms,
             "batch": call.batch, "bytes_in": call.bytes_in, "bytes_out": call.bytes_out,
             "client": call.client, **({"error": call.error} if call.error else {}),
+            **(_pipeline_times(call) if call.pre_s is not None else {}),
             **(_payloads(call) if self.payloads else {}),
         }) + b"\n"
         self._file.write(line)
@@ -92,6 +98,13 @@ class RequestLog:
         self._file = open(self.path, "ab", buffering=1 << 16)
         self._size = 0
 
+
+
+def _pipeline_times(call: Call) -> dict:
+    """A transformer's split of the latency: preprocess, model run, postprocess."""
+    return {"preprocess_ms": round(call.pre_s * 1000, 3),
+            "model_ms": round(call.infer_s * 1000, 3),
+            "postprocess_ms": round(call.post_s * 1000, 3) if call.post_s is not None else None}
 
 
 def _payloads(call: Call) -> dict:

@@ -19,7 +19,7 @@ from mserve.daemon.protocol.modelconfig import model_config, repository_index
 from mserve.daemon.worker import codecs
 
 if TYPE_CHECKING:
-    from mserve.daemon.worker.app import Serving
+    from mserve.daemon.worker.serving import Serving
     from mserve.daemon.worker.runtime import LoadedModel
 
 JSON = [(b"content-type", b"application/json")]

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from mserve.daemon.errors import BadRequest, DeployFailed
-from mserve.daemon.worker import batchcheck, graphscan, stringlocale
+from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
+from mserve.daemon.worker import batchcheck, graphscan, stringlocale, transformer
 from mserve.daemon.worker.codecs import DTYPES, ORT_TYPES, TensorSpec
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -49,6 +49,11 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)  # what loading had to work around
     warm_cost: float | None = None  # seconds per input element of a warm run (batcher.py)
     fill: int = 1  # the size given to dynamic dims other than dim 0 in warm-up and checks
+    # With a transformer: ``inputs``/``outputs`` are what requests see (its own signature,
+    # if it declares one), ``graph_*`` the model's own.
+    pipeline: transformer.Pipeline | None = None
+    graph_inputs: list[TensorSpec] = field(default_factory=list)
+    graph_outputs: list[TensorSpec] = field(default_factory=list)
     _turn: itertools.count = field(default_factory=itertools.count)
 
     @property
@@ -66,6 +71,10 @@ class LoadedModel:
             "batching": self.batching.to_json(),
             "notes": self.notes,
             "load_ms": round(self.load_ms, 1),
+            **({"transformer": {**self.pipeline.meta(),
+                                "model_inputs": [s.to_json() for s in self.graph_inputs],
+                                "model_outputs": [s.to_json() for s in self.graph_outputs]}}
+               if self.pipeline else {}),
         }
 
     def run(self, feeds: dict[str, np.ndarray], names: list[str],
@@ -82,9 +91,11 @@ class LoadedModel:
 
 
 def load(number: int, path: str, device: str = "auto", instances: int = 1,
-         threads: int = 0, batching: str = "auto") -> LoadedModel:
-    """Load ``path`` on ``device``, warm it up and decide whether it batches; raise
-    DeployFailed with a plain reason."""
+         threads: int = 0, batching: str = "auto", transformer: str | None = None
+         ) -> LoadedModel:
+    """Load ``path`` on ``device``, warm it up and decide whether it batches, then load its
+    ``transformer`` script and run the pipeline once; raise DeployFailed with a plain
+    reason (the script's own words for a script's failure)."""
     if device not in DEVICES:
         raise DeployFailed(f"unknown device {device!r}: use auto, cpu or cuda")
     if batching not in batchcheck.MODES:
@@ -105,8 +116,38 @@ def load(number: int, path: str, device: str = "auto", instances: int = 1,
     warm_up(model)
     model.batching = _decide_batching(model, first, batching, ops)
     model.warm_cost = _warm_cost(model)
+    model.graph_inputs, model.graph_outputs = model.inputs, model.outputs
+    if transformer is not None:
+        attach(model, transformer)
     model.load_ms = (time.perf_counter() - start) * 1000
     return model
+
+
+def attach(model: LoadedModel, script: str) -> None:
+    """Load ``script`` as the version's transformer and run preprocess, the model and
+    postprocess once on its sample; requests then see its signature, if it declares one."""
+    pipeline = transformer.load(script, model.number, model.graph_inputs, model.graph_outputs)
+    step = "sample"
+    try:
+        inputs = pipeline.sample(model.graph_inputs, model.fill)
+        step = "preprocess"
+        feeds = transformer.run_sync(pipeline.pre, inputs, {}) if pipeline.pre else inputs
+        feeds = transformer.check_feeds(pipeline.name, feeds, model.graph_inputs)
+        step = "the model"
+        names = [s.name for s in model.graph_outputs]
+        outputs = dict(zip(names, model.run(feeds, names, 0)))
+        step = "postprocess"
+        if pipeline.post:
+            transformer.check_outputs(pipeline.name,
+                                      transformer.run_sync(pipeline.post, outputs, inputs))
+    except Exception as exc:
+        transformer.log_failure(pipeline.name, f"warm-up ({step})", exc)
+        text = exc.message if isinstance(exc, MserveError) else transformer.message(exc)
+        raise DeployFailed(f"transformer '{pipeline.name}' failed its warm-up run in "
+                           f"{step}: {text}") from None
+    model.pipeline = pipeline
+    model.inputs = pipeline.inputs or model.graph_inputs
+    model.outputs = pipeline.outputs or model.graph_outputs
 
 
 def _decide_batching(model: LoadedModel, session, mode: str, ops) -> batchcheck.Decision:
