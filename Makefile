@@ -39,9 +39,12 @@ test: install
 	  || echo "make test: perf_analyzer could not be installed; tests/test_perf_analyzer.py will skip"
 	$(BIN)/python -m pytest -q
 
-# Benchmarks against a FastAPI baseline and KServe, measured in one run (docs/benchmarks.md).
+# Benchmarks against a FastAPI baseline, KServe, NVIDIA Triton (PyTriton) and MLServer, in
+# interleaved rounds of one run, then the recs pipeline against the same as a FastAPI app
+# (docs/benchmarks.md).
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/pipeline.py $(PIPELINE_ARGS)
 
 # Mixed good/bad load, deploys, rollbacks and a worker kill (docs/reliability.md).
 soak: install

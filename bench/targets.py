@@ -81,6 +81,7 @@ def judge(rows: list[Row], extras: Extras) -> list[Verdict]:
         _ratio_target(rows, "mlp c=32, mserve gRPC req/s (h2load) ≥ 1.3× mserve HTTP JSON (wrk)",
                       ("mlp", 32, "mserve-grpc"), ("mlp", 32, json_), "rps", 1.3, True),
     ]
+    verdicts += peer_targets(rows)
     cli = None
     if extras.list_s and extras.typer_s:
         cli = extras.list_s / extras.typer_s
@@ -98,6 +99,58 @@ def judge(rows: list[Row], extras: Extras) -> list[Verdict]:
         "worker RSS < 150 MB", rss, 150.0,
         lambda mb: ", ".join(f"{k} {v:.0f} MB" for k, v in extras.rss_mb.items())))
     return verdicts
+
+
+def peer_targets(rows: list[Row]) -> list[Verdict]:
+    """Issue 15's targets: against Triton (PyTriton) and MLServer in the same run, the
+    grpc.aio floor, latency, batch size and tails."""
+    grpc, floor, triton_grpc = "mserve-grpc", "grpc-floor", "triton-grpc"
+    out = [
+        _ratio_target(rows, "tiny c=32, mserve gRPC req/s ≥ 1.5× Triton gRPC",
+                      ("tiny", 32, grpc), ("tiny", 32, triton_grpc), "rps", 1.5, True),
+        _ratio_target(rows, "tiny c=32, mserve gRPC req/s ≥ 0.7× the grpc.aio floor",
+                      ("tiny", 32, grpc), ("tiny", 32, floor), "rps", 0.7, True),
+        _ratio_target(rows, "mlp c=32, mserve gRPC req/s ≥ 1.5× Triton gRPC",
+                      ("mlp", 32, grpc), ("mlp", 32, triton_grpc), "rps", 1.5, True),
+    ]
+    lone = _find(rows, "tiny", 1, grpc)
+    out.append(_value_target("tiny c=1, mserve gRPC p50 ≤ 0.5 ms",
+                             lone.p50_ms if lone else None, 0.5 + 1e-9, fmt_ms))
+    batched = _find(rows, "mlp", 32, grpc)
+    out.append(_at_least("mlp c=32, mserve gRPC mean batch ≥ 8 requests per run",
+                         batched.batch if batched else None, 8.0, lambda b: f"{b:.2f}"))
+    for model in ("tiny", "mlp"):
+        for ours, triton, mlserver in (("mserve-json", "triton-json", "mlserver-json"),
+                                       ("mserve-bin", "triton-bin", None)):
+            kind = "JSON" if ours == "mserve-json" else "binary"
+            out.append(_ratio_target(rows, f"{model} c=32, mserve {kind} req/s ≥ 2.5× Triton",
+                                     (model, 32, ours), (model, 32, triton), "rps", 2.5, True))
+            if mlserver:
+                out.append(_ratio_target(rows, f"{model} c=32, mserve {kind} req/s ≥ 4× MLServer",
+                                         (model, 32, ours), (model, 32, mlserver), "rps", 4.0,
+                                         True))
+            out.append(_tail_target(rows, model, ours, triton, kind))
+    return out
+
+
+def _at_least(text: str, value: float | None, limit: float, fmt: Callable) -> Verdict:
+    if value is None:
+        return Verdict(text, "not measured in this run", "n/a")
+    return Verdict(text, fmt(value), "PASS" if value >= limit else "MISS")
+
+
+def _tail_target(rows: list[Row], model: str, ours: str, triton: str, kind: str) -> Verdict:
+    """p99 ≤ 3× p50 at c=32, and no worse than Triton's p99 in the same run."""
+    text = f"{model} c=32, mserve {kind} p99 ≤ 3× its p50 and ≤ Triton's p99"
+    a, b = _find(rows, model, 32, ours), _find(rows, model, 32, triton)
+    if not a:
+        return Verdict(text, "not measured in this run", "n/a")
+    measured = f"p99 {fmt_ms(a.p99_ms)} = {a.p99_ms / a.p50_ms:.1f}× p50"
+    ok = a.p99_ms <= 3 * a.p50_ms
+    if b:
+        measured += f"; Triton's p99 {fmt_ms(b.p99_ms)}"
+        ok = ok and a.p99_ms <= b.p99_ms
+    return Verdict(text, measured, "PASS" if ok else "MISS")
 
 
 def verdict_table(verdicts: list[Verdict]) -> str:
