@@ -319,7 +319,7 @@ def test_a_large_bytes_request_is_decoded_off_the_event_loop(shared, model_dir):
     print(f"4 M BYTES elements decoded and encoded: worst health {worst[0] * 1000:.0f} ms")
     assert list(answer.outputs[0].shape) == [count // 2, 2]
     assert answer.raw_output_contents[0] == b"\1\0\0\0a" * count
-    assert worst[0] < 1.2, worst
+    assert worst[0] < 2.0, worst  # 3.05 s before; ~0.3-0.6 s quiet, 1.5 s on a loaded CI machine
     shared.ok("undeploy", "gstr")
 
 
