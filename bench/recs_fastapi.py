@@ -16,21 +16,11 @@ import numpy as np
 import onnxruntime as ort
 import uvicorn
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+
+from fastapi_server import InferenceRequest  # the baseline's request model (same folder)
 
 K = 5
 COLUMNS = ", ".join(f"f{i}" for i in range(8))
-
-
-class Tensor(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
-    data: list
-
-
-class InferenceRequest(BaseModel):
-    inputs: list[Tensor]
 
 
 def create_app(folder: Path) -> FastAPI:

@@ -40,15 +40,7 @@ class WorkerApp:
     def after(self) -> None:
         """Record the calls answered so far: the HTTP server calls this once an answer is
         written, so counting, statistics and the request log cost the client no latency."""
-        # The same list stays in place: calls answered later append to it (a Recorded
-        # holds the list it was given), so swapping in a new one lost them.
-        calls = self.unrecorded[:]
-        self.unrecorded.clear()
-        for call in calls:
-            try:
-                self.s.record(call)
-            except Exception:  # e.g. the request log's disk is full: the answer went out
-                log.exception("could not record a request")
+        self.s.record_answered(self.unrecorded)
 
     def _alone(self) -> bool:
         """No other request is waiting in this worker's HTTP server."""

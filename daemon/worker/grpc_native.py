@@ -71,10 +71,11 @@ class Call:
         self.inference = front.path_of(headers).startswith(INFERENCE)
         # counted until its task ends: the calls read in one go see each other (a batch)
         front.limits.accepted += 1
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        loop = front.loop
+        self.task = loop.create_task(self.run())
         self.task.add_done_callback(self._done)
         if (timeout := _timeout(headers.get(b"grpc-timeout"))) is not None:
-            self.timer = asyncio.get_running_loop().call_later(timeout, self._expire)
+            self.timer = loop.call_later(timeout, self._expire)
 
     # ---- from the connection ----------------------------------------------------------
     def on_data(self, data: bytes, end: bool) -> None:
@@ -150,7 +151,7 @@ class Call:
         while not self.messages:
             if self.ended:
                 return aio.EOF
-            self.waiter = asyncio.get_running_loop().create_future()
+            self.waiter = self.front.loop.create_future()
             await self.waiter
         return self.messages.popleft()
 
@@ -167,12 +168,6 @@ class Call:
     def set_trailing_metadata(self, metadata) -> None:
         self.trailing = tuple(metadata)
 
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
     def invocation_metadata(self) -> tuple:
         return self.metadata
 
@@ -182,9 +177,6 @@ class Call:
             return ""
         host, port = address[0], address[1]
         return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
-
-    def done(self) -> bool:
-        return self.over
 
     # ---- running ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -274,6 +266,7 @@ class NativeServer:
         self.methods: dict[bytes, object] = {}
         self.connections: set[h2.Connection] = set()
         self.servers: list[asyncio.AbstractServer] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start (looked up once)
 
     def max_message(self) -> int:
         return self.limits.max_message
@@ -334,7 +327,7 @@ class NativeServer:
     async def start(self, host: str, port: int, tls: dict | None) -> int:
         """Listen on ``host:port`` (0: any free port); the port bound."""
         context = _tls_context(tls) if tls else None
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
 
         def factory():
             conn = h2.Connection(self.accept, self.max_streams, self.connections.discard)

@@ -96,6 +96,7 @@ class Servicer:
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-codec")
         self.unrecorded: list[Call] = []  # answered calls whose accounting waits (_record)
         self._record_due = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def drain(self) -> None:
         """Take no new inference; open streams end once they answered what they read."""
@@ -221,17 +222,17 @@ class Servicer:
         their answers, so the client does not wait for counting and the request log."""
         if not self._record_due:
             self._record_due = True
-            asyncio.get_running_loop().call_soon(self._record)
+            self._loop().call_soon(self._record)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's loop, looked up once (each lookup is a getpid() on Python 3.11)."""
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        return self.loop
 
     def _record(self) -> None:
         self._record_due = False
-        calls = self.unrecorded[:]
-        self.unrecorded.clear()
-        for call in calls:
-            try:
-                self.s.record(call)
-            except Exception:  # e.g. the request log's disk is full: the answer went out
-                log.exception("could not record a request")
+        self.s.record_answered(self.unrecorded)
 
     async def off_loop(self, function, *args):
         """``function(*args)`` in the codec pool, leaving the event loop free (for large

@@ -40,8 +40,8 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
     CONTINUATION = range(10)
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x5, 0x6, 0x7, 0x8, 0x9
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x3
+FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x6, 0x7, 0x9
 ENHANCE_YOUR_CALM = 0xB
 S_TABLE, S_PUSH, S_STREAMS, S_WINDOW, S_FRAME, S_HEADER_LIST = 1, 2, 3, 4, 5, 6
 
@@ -426,12 +426,6 @@ class Connection(asyncio.Protocol):
             self.streams.pop(stream.id, None)
         if self.going_away and not self.streams:
             self.transport.close()
-
-    def reset(self, stream: Stream, code: int = CANCEL) -> None:
-        """End ``stream`` from our side with RST_STREAM (a call cut short)."""
-        stream.closed = True
-        if self.streams.pop(stream.id, None) is not None:
-            self.transport.write(frame(RST_STREAM, 0, stream.id, _HEADER.pack(code)))
 
     def _reset_local(self, stream: Stream) -> None:
         stream.closed = True

@@ -12,6 +12,7 @@ import functools
 import gc
 import hashlib
 import hmac
+import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from mserve.daemon.worker.requestlog import Call, RequestLog
 from mserve.daemon.worker.runtime import LoadedModel
 from mserve.daemon.worker.stats import Recent, VersionStats
 
+log = logging.getLogger("mserve.worker")
 CANCELLED = 499  # the status recorded for a call its client cancelled (nginx's convention)
 
 
@@ -206,6 +208,17 @@ class Serving:
         call is appended there and recorded by whoever empties it (after the answer is sent,
         so the client does not wait for the accounting)."""
         return Recorded(self, call, later)
+
+    def record_answered(self, calls: list[Call]) -> None:
+        """Record the calls in ``calls`` (answered already) and empty it in place: a
+        Recorded holds the list it was given, so swapping in a new one would lose calls."""
+        answered = calls[:]
+        calls.clear()
+        for call in answered:
+            try:
+                self.record(call)
+            except Exception:  # e.g. the request log's disk is full: the answer went out
+                log.exception("could not record a request")
 
     def record(self, call: Call) -> None:
         """Count a finished inference request everywhere it is counted."""
