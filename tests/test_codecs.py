@@ -683,3 +683,21 @@ def test_bytes_of_one_length_are_split_by_numpy_exactly():
                                     parameters={"binary_data_size": len(raw)})]}
         array = parse_request(*binary_body(doc, raw)).inputs[0].array
         assert array.tolist() == values and all(type(item) is bytes for item in array)
+
+
+def test_bytes_are_encoded_a_slice_at_a_time_in_triton_layout():
+    """More than one slice, fixed-width and mixed slices, text and bytes, null bytes kept:
+    every element is its 4-byte little-endian length, then its bytes, in row-major order."""
+    from mserve.daemon.worker.tensors import SLICE_ELEMENTS
+
+    rng = np.random.default_rng(7)
+    fixed = [b"\x00a\x00"] * SLICE_ELEMENTS
+    mixed = [bytes(rng.integers(0, 256, size=int(n), dtype=np.uint8))
+             for n in rng.integers(0, 9, size=SLICE_ELEMENTS + 5)]
+    values = fixed + ["hé"] * 3 + mixed + [b""]
+    sample = np.array(values, dtype=object).reshape(-1, 1)
+    text = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+    expected = b"".join(len(v).to_bytes(4, "little") + v for v in text)
+    assert binary_bytes(sample) == expected
+    assert binary_bytes(np.array(["ab", "c"])) == b"\x02\0\0\0ab\x01\0\0\0c"
+    assert binary_bytes(np.array([], dtype=object)) == b""

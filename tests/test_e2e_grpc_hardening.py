@@ -297,9 +297,9 @@ def test_huge_bytes_tensor_to_fp32_is_refused_before_decoding(aff):
 
 
 def test_a_large_bytes_request_is_decoded_off_the_event_loop(shared, model_dir):
-    """4 M BYTES elements to a BYTES model: decoded and answered in the codec pool while
-    HTTP health keeps answering (before: the loop was blocked ~2.5 s decoding, as long
-    encoding)."""
+    """4 M BYTES elements to a BYTES model: decoded and answered in the codec pool, a slice
+    per GIL hold, while HTTP health keeps answering (before: the loop was blocked ~2.5 s
+    decoding, as long encoding)."""
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("s", TensorProto.STRING, ["N", 2])
@@ -319,7 +319,10 @@ def test_a_large_bytes_request_is_decoded_off_the_event_loop(shared, model_dir):
     print(f"4 M BYTES elements decoded and encoded: worst health {worst[0] * 1000:.0f} ms")
     assert list(answer.outputs[0].shape) == [count // 2, 2]
     assert answer.raw_output_contents[0] == b"\1\0\0\0a" * count
-    assert worst[0] < 2.0, worst  # 3.05 s before; ~0.3-0.6 s quiet, 1.5 s on a loaded CI machine
+    # 3.05 s on the loop before; then 0.85 s quiet, 2.1 s on a loaded CI machine (one
+    # b"".join of 8 M parts, one 4 M-element array assignment); now ~0.27 s quiet, the rest
+    # ONNX Runtime's own conversion of 4 M strings, which holds the GIL
+    assert worst[0] < 1.2, worst
     shared.ok("undeploy", "gstr")
 
 

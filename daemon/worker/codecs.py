@@ -22,7 +22,7 @@ from mserve.daemon.worker.tensors import (DATATYPE_BY_DTYPE, DEFAULT_MAX_ELEMENT
                                           array_from_binary, array_from_json,
                                           binary_size_error, check_declared, check_input_names,
                                           check_shape, data_shape, datatype_of, is_int,
-                                          json_type, parse_shape, shape_text)
+                                          json_type, parse_shape, pause, shape_text)
 
 __all__ = ["DEFAULT_MAX_ELEMENTS", "DTYPES", "MAX_RANK", "ORT_TYPES", "InferInput",
            "InferRequest", "RequestedOutput", "TensorSpec", "array_from_binary",
@@ -327,11 +327,27 @@ def binary_bytes(array: np.ndarray) -> bytes:
     """Triton's binary layout: little-endian row-major; BOOL one byte; BYTES length-prefixed."""
     if array.dtype.kind not in "OUS":
         return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-    parts = []
-    for item in array.reshape(-1):
-        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        parts += (len(data).to_bytes(4, "little"), data)
-    return b"".join(parts)
+    flat = array.reshape(-1)
+    blocks = []
+    for start in range(0, flat.size, SLICE_ELEMENTS):  # one slice per GIL hold, not one join
+        blocks.append(_bytes_block(flat[start:start + SLICE_ELEMENTS].tolist()))
+        pause()
+    return b"".join(blocks)
+
+
+def _bytes_block(items: list) -> bytes:
+    """One slice of BYTES elements, each after its 4-byte length; equal lengths (fixed-width
+    strings, the common case) are laid out by numpy."""
+    datas = [item if isinstance(item, bytes) else str(item).encode("utf-8") for item in items]
+    lengths = np.fromiter(map(len, datas), dtype="<u4", count=len(datas))
+    width = int(lengths[0]) if len(datas) else 0
+    if (lengths == width).all():
+        block = np.empty((len(datas), 4 + width), dtype=np.uint8)
+        block[:, :4] = np.frombuffer(lengths[:1].tobytes(), dtype=np.uint8)
+        block[:, 4:] = np.frombuffer(b"".join(datas), dtype=np.uint8).reshape(len(datas), width)
+        return block.tobytes()
+    heads = [length.to_bytes(4, "little") for length in lengths.tolist()]
+    return b"".join(part for pair in zip(heads, datas) for part in pair)
 
 
 def encode_response(model_name: str, model_version: str, request_id: str | None,

@@ -18,6 +18,7 @@ import orjson
 from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
 from mserve.daemon.worker import batchcheck, graphscan, stringlocale, transformer
 from mserve.daemon.worker.codecs import DTYPES, ORT_TYPES, TensorSpec
+from mserve.daemon.worker.tensors import SLICE_ELEMENTS, pause
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
@@ -223,13 +224,17 @@ def _short(exc: Exception) -> str:
 
 def _text(name: str, array: np.ndarray) -> np.ndarray:
     """ORT string tensors take str elements (bytes would be stored as "b'...'")."""
-    out = np.empty(array.shape, dtype=object)
+    flat, out = array.reshape(-1), np.empty(array.size, dtype=object)
     try:
-        out.flat = [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in array.flat]
+        for start in range(0, flat.size, SLICE_ELEMENTS):  # a slice per GIL hold
+            out[start:start + SLICE_ELEMENTS] = [
+                v.decode("utf-8") if isinstance(v, bytes) else str(v)
+                for v in flat[start:start + SLICE_ELEMENTS].tolist()]
+            pause()
     except UnicodeDecodeError:
         raise BadRequest(f"input '{name}': BYTES elements must be UTF-8 text for this model's "
                          "string input") from None
-    return out
+    return out.reshape(array.shape)
 
 
 def _is_map(ort_type: str) -> bool:
