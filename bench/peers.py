@@ -152,7 +152,8 @@ class MLServer(Peer):
         self.workers = os.cpu_count() or 1
         (folder / "settings.json").write_text(json.dumps({
             "host": "127.0.0.1", "http_port": self.port, "grpc_port": grpc_port,
-            "metrics_port": metrics_port, "parallel_workers": self.workers}))
+            "metrics_port": metrics_port, "parallel_workers": self.workers,
+            "metrics_dir": str(folder / ".metrics")}))  # not the current folder
         (folder / name / "model-settings.json").write_text(json.dumps({
             "name": name, "implementation": "mlserver_runtime.OnnxRuntime",
             "parameters": {"uri": str(model.resolve())},
