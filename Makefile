@@ -40,11 +40,12 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # Benchmarks against a FastAPI baseline, KServe, NVIDIA Triton (PyTriton) and MLServer, in
-# interleaved rounds of one run, then the recs pipeline against the same as a FastAPI app
-# (docs/benchmarks.md).
+# interleaved rounds of one run, then the recs pipeline against the same as a FastAPI app,
+# then one deployment on --workers 1 and on one process per core (docs/benchmarks.md).
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/pipeline.py $(PIPELINE_ARGS)
+	$(BIN)/python bench/workers.py $(WORKERS_ARGS)
 
 # Mixed good/bad load, deploys, rollbacks and a worker kill (docs/reliability.md).
 soak: install

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from mserve.daemon import workerrecord
 from mserve.daemon.errors import MserveError
 from mserve.daemon.supervisor import wait_gone
+from mserve.daemon.workergroup import worker_count
 
 if TYPE_CHECKING:
     from mserve.daemon.deployments import Deployments
@@ -35,18 +36,33 @@ async def restore_all(deployments: Deployments) -> None:
     rows = deployments.state.deployments()
     known = {d["name"] for d in rows}
     await asyncio.gather(*(end_stray(name, record, "it has no deployment")
-                           for name, record in records.items() if name not in known))
-    await asyncio.gather(*(_restore(deployments, d, records.get(d["name"])) for d in rows))
+                           for name, by_index in records.items() if name not in known
+                           for record in by_index.values()))
+    await asyncio.gather(*(_restore(deployments, d, records.get(d["name"]) or {})
+                           for d in rows))
 
 
-async def _restore(deployments: Deployments, d: dict, record: dict | None) -> None:
-    async with deployments._locks[d["name"]]:
-        adopted = record is not None and await _adopt(deployments, d, record)
+async def _restore(deployments: Deployments, d: dict, records: dict[int, dict]) -> None:
+    """Adopt the processes that match the state; start the missing ones beside them, or
+    the whole group when none could be adopted."""
+    name = d["name"]
+    wanted = worker_count(d["options"].get("workers"))
+    async with deployments._locks[name]:
+        for index in sorted(i for i in records if i >= wanted):
+            await end_stray(name, records.pop(index), "the deployment runs fewer processes")
+        adopted = [index for index, record in sorted(records.items())
+                   if await _adopt(deployments, d, index, record)]
     if not adopted:
-        await deployments._restart(d["name"], restored=True)
+        deployments.supervisor.workers.pop(name, None)
+        await deployments._restart(name, restored=True)
+        return
+    for index in range(wanted):
+        if index not in adopted:
+            deployments.supervisor.note_failed_start(name, "not running when the daemon "
+                                                           "started", index)
 
 
-async def _adopt(deployments: Deployments, d: dict, record: dict) -> bool:
+async def _adopt(deployments: Deployments, d: dict, index: int, record: dict) -> bool:
     name = d["name"]
     if not workerrecord.alive(record):
         _forget(record)
@@ -56,16 +72,16 @@ async def _adopt(deployments: Deployments, d: dict, record: dict) -> bool:
         return False
     supervisor = deployments.supervisor
     try:
-        described = await supervisor.adopt(name, record)
+        described = await supervisor.adopt(name, index, record)
     except (MserveError, KeyError, TypeError, ValueError) as exc:  # a record or answer amiss
-        supervisor.worker(name).close_link()
+        supervisor.process(name, index).close_link()
         await end_stray(name, record, getattr(exc, "message", None) or f"bad record ({exc!r})")
         return False
-    worker = supervisor.worker(name)
+    worker = supervisor.process(name, index)
     why = mismatch(deployments, d, described)
     if why is None:
         try:  # split, labels, token and standby as SQLite has them
-            await deployments.apply(d, deployments.current_plan(d))
+            await deployments.apply_one(worker, d, deployments.current_plan(d))
         except MserveError as exc:
             why = f"it could not be brought in line with the state: {exc.message}"
     if why is not None:
@@ -75,8 +91,9 @@ async def _adopt(deployments: Deployments, d: dict, record: dict) -> bool:
         _forget(record)
         return False
     supervisor.watch(worker)
-    log.info("adopted %s: version %s, pid %s (it kept serving while no daemon ran)", name,
-             d["active_version"], record["pid"])
+    process = f" process {index}" if index else ""
+    log.info("adopted %s%s: version %s, pid %s (it kept serving while no daemon ran)", name,
+             process, d["active_version"], record["pid"])
     deployments.event(name, "adopt", d["active_version"], f"pid {record['pid']}")
     return True
 

@@ -22,12 +22,12 @@ from mserve.daemon import faults
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import (Plan, canary_percent, check_batching, check_same_place,
-                                check_threads, default_name, hash_token, input_changes,
-                                signature_changes)
+                                check_threads, check_workers, default_name, hash_token,
+                                input_changes, signature_changes)
 from mserve.daemon.supervisor import READY
 from mserve.daemon.views import size, user_words
-from mserve.daemon.workerconfig import (free_port, load_timeout, store_tls, used_ports,
-                                        worker_config)
+from mserve.daemon.workerconfig import (free_port, group_configs, load_timeout, store_tls,
+                                        used_ports)
 
 if TYPE_CHECKING:
     from mserve.daemon.deployments import Deployments
@@ -36,7 +36,7 @@ log = logging.getLogger("mserve.daemon")
 DEFAULT_OPTIONS = {"device": "auto", "max_batch_size": None, "batch_delay_ms": None,
                    "max_queue": None, "instances": 1, "threads": None, "max_body_mb": 64,
                    "sticky_header": None, "keep": 5, "log_payloads": False,
-                   "batching": "auto"}
+                   "batching": "auto", "workers": 1}
 OPTION_KEYS = tuple(DEFAULT_OPTIONS)
 RELOAD_KEYS = ("device", "instances", "threads", "batching")  # they act when a version loads
 # The deploy in progress reports its phases here (one per task, so parallel deploys of
@@ -62,6 +62,7 @@ class Deployer:
             raise BadRequest(problem)
         check_batching(req)
         check_threads(req)
+        check_workers(req)
         async with self.d._locks[name]:
             return await self._deploy(name, source, req)
 
@@ -202,10 +203,10 @@ class Deployer:
         try:
             d = {"name": name, "host": host, "port": port, "options": options,
                  "token_hash": token_hash}
-            config = worker_config(self.d.paths, self.d.store, d, [(version, True)],
-                                   bind_retry_s=0)
+            configs = group_configs(self.d.paths, self.d.store, d, [(version, True)],
+                                    bind_retry_s=0)
             _progress.get()({"step": "load"})
-            event = await self.d._start_or_fail(name, config)
+            event = await self.d._start_or_fail(name, configs)
             version["meta"] = event["versions"][str(version["number"])]
             await self._record_or_undo(None, version, d)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shutil
 import sqlite3
 import sys
@@ -29,7 +30,9 @@ from mserve.daemon.state import State
 from mserve.daemon.store import Store
 from mserve.daemon.supervisor import READY, Supervisor
 from mserve.daemon.views import url_host, version_view
-from mserve.daemon.workerconfig import drain_timeout, load_timeout, worker_config
+from mserve.daemon.workerconfig import (claim_ports, drain_timeout, group_configs,
+                                        load_timeout, peer_sockets, worker_config)
+from mserve.daemon.workergroup import worker_count
 
 __all__ = ["Deployments", "drain_timeout", "load_timeout"]
 
@@ -65,7 +68,9 @@ class Deployments:
             "transformer": active.get("transformer"),  # the active version's, or None
             "threads": d["options"].get("threads"),  # None: ONNX Runtime's default
             "versions": len(self.state.versions(d["name"])),
+            "workers": d["options"].get("workers") or 1,  # as given: a number or "auto"
             "pid": worker.pid if worker else None,
+            "pids": worker.pids if worker else [],
             "restarts": worker.restarts if worker else 0,
             "error": worker.error if worker else None,
             "options": d["options"], "auth": d["token_hash"] is not None,
@@ -135,11 +140,12 @@ class Deployments:
                  "on_disk": self.store.has(v["sha256"]) and v["state"] != st.PRUNED}
                 for v in self.state.versions(self.get(name)["name"])]
 
-    async def _start_or_fail(self, name: str, config: dict) -> dict:
-        """Start the worker on ``config``. If that fails, a new deployment leaves no worker
-        behind; an existing one is restarted later on what the state says."""
+    async def _start_or_fail(self, name: str, configs: list[dict]) -> dict:
+        """Start the worker processes on ``configs``. If that fails, a new deployment leaves
+        no worker behind; an existing one is restarted later on what the state says."""
         try:
-            return await self.supervisor.start(name, config, load_timeout())
+            configs = await claim_ports(configs)
+            return await self.supervisor.start(name, configs, load_timeout())
         except DeployFailed as exc:
             if self.state.deployment(name) is None:
                 self.supervisor.workers.pop(name, None)
@@ -152,31 +158,67 @@ class Deployments:
                      if v["state"] == st.STANDBY), None)
 
     async def apply(self, d: dict, plan: Plan, extra: list[dict] = ()) -> dict | None:
-        """Make the worker serve ``plan``: load what it lacks, then swap in one step. A
-        worker that is not running is started on the plan (its 'ready' event returned)."""
+        """Make the worker processes serve ``plan``: load what any lacks in all, start or
+        stop processes to the deployment's count, then swap all in one step each. A worker
+        that is not running is started on the plan (its 'ready' event returned)."""
         name = d["name"]
         rows = {v["number"]: v for v in self.state.versions(name)}
         rows.update({v["number"]: v for v in extra})
+        versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep]
         worker = self.supervisor.get(name)
         if worker is None or worker.status != READY:
             await self.supervisor.stop(name, timeout=5)
-            versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep]
-            config = worker_config(self.paths, self.store, d, versions, bind_retry_s=5,
-                                   route=plan.route(d))
-            return await self._start_or_fail(name, config)
-        loaded = set((await worker.request("ping", 10))["loaded"])
+            configs = group_configs(self.paths, self.store, d, versions, bind_retry_s=5,
+                                    route=plan.route(d))
+            return await self._start_or_fail(name, configs)
+        await self._load(worker, d, plan, rows)
+        await self._resize(d, plan, versions)
+        await self._activate(worker, d, plan, worker.peer_secret)
+        return None
+
+    async def apply_one(self, process, d: dict, plan: Plan) -> None:
+        """``apply`` to one process of the group (one being adopted), its count unchanged."""
+        rows = {v["number"]: v for v in self.state.versions(d["name"])}
+        await self._load(process, d, plan, rows)
+        await self._activate(process, d, plan, self.supervisor.worker(d["name"]).peer_secret)
+
+    async def _load(self, target, d: dict, plan: Plan, rows: dict) -> None:
+        """Load in ``target`` (the group, or one process) the plan's versions it lacks."""
+        loaded = set((await target.request("ping", 10))["loaded"])
         for n in [plan.active, *plan.keep]:
             if n not in loaded:
                 v = rows[n]
                 if v["state"] == st.PRUNED:
-                    raise Conflict(f"version {n} of '{name}' was pruned from disk")
-                await worker.request("load", load_timeout(), number=n, options=d["options"],
+                    raise Conflict(f"version {n} of '{d['name']}' was pruned from disk")
+                await target.request("load", load_timeout(), number=n, options=d["options"],
                                      path=str(self.store.path_of(v["sha256"])),
                                      transformer=self.store.script_of(v))
-        await worker.request("activate", 10, number=plan.active, keep=plan.keep,
+
+    async def _activate(self, target, d: dict, plan: Plan, peer_secret: str | None) -> None:
+        await target.request("activate", 10, number=plan.active, keep=plan.keep,
                              route=plan.route(d), token_hash=d["token_hash"],
-                             options=d["options"])  # so the worker's options are the state's
-        return None
+                             options=d["options"],  # so the worker's options are the state's
+                             peers=peer_sockets(self.paths, d), peer_secret=peer_secret)
+
+    async def _resize(self, d: dict, plan: Plan, versions: list[tuple[dict, bool]]) -> None:
+        """Start the processes ``d``'s count lacks (on ``plan``, beside the serving ones), or
+        stop (drain) the ones past it."""
+        name, group = d["name"], self.supervisor.get(d["name"])
+        wanted, have = worker_count(d["options"].get("workers")), len(group.replicas)
+        if have > wanted:
+            log.info("%s: %d worker processes -> %d", name, have, wanted)
+            await self.supervisor.stop_one(name, wanted, drain_timeout())
+        if have < wanted:
+            log.info("%s: %d worker processes -> %d", name, have, wanted)
+            group.peer_secret = group.peer_secret or secrets.token_hex(16)
+            for index in range(have, wanted):
+                config = worker_config(self.paths, self.store, d, versions, 5, plan.route(d),
+                                       index, join=True, peer_secret=group.peer_secret)
+                try:
+                    await self.supervisor.start_one(name, config, load_timeout())
+                except DeployFailed:
+                    await self.supervisor.stop_one(name, have, timeout=5)  # back to as it was
+                    raise
 
     async def probe(self, path: str, device: str, batching: str = "auto",
                     transformer: str | None = None) -> dict:
@@ -201,7 +243,9 @@ class Deployments:
         workers that kept serving while no daemon ran, start the others."""
         await adoption.restore_all(self)
 
-    async def _restart(self, name: str, restored: bool = False) -> None:
+    async def _restart(self, name: str, index: int = 0, restored: bool = False) -> None:
+        """Start process ``index`` of ``name`` again from the state: alone while a sibling
+        serves, else the whole group (on a daemon's start, ``restored``)."""
         async with self._locks[name]:
             d = self.state.deployment(name)
             if d is None:
@@ -210,23 +254,51 @@ class Deployments:
             rows = {v["number"]: v for v in self.state.versions(name)}
             versions = [(rows[plan.active], True)] + [(rows[n], False) for n in plan.keep
                                                        if rows[n]["state"] != st.PRUNED]
-            config = worker_config(self.paths, self.store, d, versions, bind_retry_s=5,
-                                   route=plan.route(d))
-            worker = self.supervisor.get(name)
-            why = "daemon start" if restored else (worker.error if worker else None)
+            group = self.supervisor.get(name)
+            worker = group.replicas[index] if group and index < len(group.replicas) else None
+            if not restored and (worker is None or worker.pid is not None):
+                return  # it left the group, or is back already (a whole-group start)
+            if not restored and any(w is not worker for w in group.serving()):
+                await self._restart_alone(d, versions, plan, index)
+                return
+            why = "daemon start" if restored else (group.error if group else None)
+            for other in group.replicas if group else []:
+                if other.pid is not None:  # alive but not serving: the group starts anew
+                    await other.stop(5)
+            configs = group_configs(self.paths, self.store, d, versions, bind_retry_s=5,
+                                    route=plan.route(d))
             try:
-                await self.supervisor.start(name, config, load_timeout())
+                configs = await claim_ports(configs)
+                await self.supervisor.start(name, configs, load_timeout())
             except DeployFailed as exc:
                 log.warning("%s of %s failed: %s", "restore" if restored else "restart", name,
                             exc.message)
                 self.supervisor.note_failed_start(name, exc.message)
                 self.event(name, "restart-failed", d["active_version"], exc.message)
                 return
-            worker = self.supervisor.get(name)
+            group = self.supervisor.get(name)
             log.info("%s %s: version %s, pid %s (%s)", "restored" if restored else "restarted",
-                     name, d["active_version"], worker.pid if worker else None,
+                     name, d["active_version"], ", ".join(map(str, group.pids)),
                      why or "restart")
             self.event(name, "restore" if restored else "restart", d["active_version"])
+
+    async def _restart_alone(self, d: dict, versions: list, plan: Plan, index: int) -> None:
+        name, group = d["name"], self.supervisor.get(d["name"])
+        worker = group.replicas[index]
+        why = worker.error
+        config = worker_config(self.paths, self.store, d, versions, 5, plan.route(d), index,
+                               join=True, peer_secret=group.peer_secret)
+        try:
+            await self.supervisor.start_one(name, config, load_timeout())
+        except DeployFailed as exc:
+            log.warning("restart of %s process %d failed: %s", name, index, exc.message)
+            self.supervisor.note_failed_start(name, exc.message, index)
+            self.event(name, "restart-failed", d["active_version"],
+                       f"process {index}: {exc.message}")
+            return
+        log.info("restarted %s process %d: version %s, pid %s (%s)", name, index,
+                 d["active_version"], worker.pid, why or "restart")
+        self.event(name, "restart", d["active_version"], f"process {index}")
 
     async def _on_exit(self, name: str, reason: str) -> None:
         self.event(name, "worker-exit", None, reason)

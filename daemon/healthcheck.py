@@ -25,14 +25,14 @@ def failures_allowed() -> int:
     return max(1, int(os.environ.get("MSERVE_HEALTH_FAILURES", "3")))
 
 
-async def problem(worker, timeout: float) -> str | None:
-    """None when the worker answers both its control link and its HTTP port in time, else
-    what failed."""
+async def problem(worker, timeout: float, http: bool = True) -> str | None:
+    """None when the worker answers its control link and (with ``http``) its HTTP port in
+    time, else what failed."""
     try:
         await worker.request("ping", timeout)
     except MserveError as exc:
         return f"control ping: {exc.message}"
-    if worker.endpoint is None:
+    if worker.endpoint is None or not http:
         return None
     host, port, tls = worker.endpoint
     try:

@@ -8,6 +8,7 @@ used, with the socket in the user runtime folder when there is a usable one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -157,6 +158,22 @@ def check_socket(path: Path) -> bool:
                        "refusing to send anything to it")
     check_private_dir(path.parent)  # else its owner could swap the socket after this check
     return stat.S_ISSOCK(st.st_mode)
+
+
+async def serve_private(client, path: Path, limit: int):
+    """An asyncio Unix server on ``path`` (a stale socket there removed first), created 0600
+    (no moment when another user could connect); the server."""
+    import asyncio  # not at import: the CLI imports this module at start-up
+
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old_umask = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(client, str(path), limit=limit)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server
 
 
 def check_peer(sock: socket.socket, where: str | Path) -> None:

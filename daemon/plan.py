@@ -88,6 +88,34 @@ def check_threads(req: dict) -> None:
                          f"got {threads!r}")
 
 
+MAX_WORKERS = 256
+WORKERS_HELP = ("Worker processes for this deployment, sharing its ports (default 1; auto: one "
+                "per core). Each has its own sessions and batcher.")
+
+
+def parse_workers(text) -> int | str:
+    """``--workers``: a whole number from 1 to MAX_WORKERS, or ``auto``; ValueError with
+    what is wrong otherwise."""
+    if text == "auto":
+        return "auto"
+    try:
+        count = int(text) if type(text) is not bool else None
+    except (TypeError, ValueError):
+        count = None
+    if count is None or str(count) != str(text).strip() or not 1 <= count <= MAX_WORKERS:
+        raise ValueError(f"--workers must be auto or a whole number from 1 to {MAX_WORKERS}, "
+                         f"got {text!r}")
+    return count
+
+
+def check_workers(req: dict) -> None:
+    if req.get("workers") is not None:
+        try:
+            req["workers"] = parse_workers(req["workers"])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
+
 def signature_changes(old: dict | None, new: dict | None) -> list[str]:
     """How the inputs and outputs of ``new`` (version metadata) differ from ``old``'s, one
     line each: added, removed, or another datatype or shape. Empty when they agree."""

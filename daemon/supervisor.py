@@ -1,11 +1,12 @@
 """Worker processes: spawn or adopt, talk to, watch, health-check, restart, stop.
 
-One ``WorkerProcess`` per deployment. A worker is either started by this daemon or adopted
-from an earlier one (it outlived that daemon; see workerrecord.py); both are reached over
-the worker's control socket and watched until they exit. The supervisor knows nothing about
-SQLite: the deployment layer hands it a worker config and callbacks that record what
-happened. A restart never waits on those records: a database that cannot be written must not
-keep a crashed deployment down.
+One ``WorkerGroup`` per deployment (workergroup.py), of one ``WorkerProcess`` per process
+(``--workers N``). A process is either started by this daemon or adopted from an earlier one
+(it outlived that daemon; see workerrecord.py); both are reached over the process's control
+socket and watched until they exit. A process that crashes is restarted alone while its
+siblings serve. The supervisor knows nothing about SQLite: the deployment layer hands it
+worker configs and callbacks that record what happened. A restart never waits on those
+records: a database that cannot be written must not keep a crashed deployment down.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 
 from mserve.daemon import healthcheck, workerrecord
 from mserve.daemon.errors import DeployFailed, Unavailable
+from mserve.daemon.workergroup import FAILED, LOADING, READY, STOPPED, WorkerGroup
 from mserve.daemon.workerlink import LINE_LIMIT, WorkerLink
 
+__all__ = ["FAILED", "LOADING", "READY", "STOPPED", "Supervisor", "WorkerProcess", "backoff"]
 log = logging.getLogger("mserve.daemon")
-READY, LOADING, FAILED, STOPPED = "ready", "loading", "failed", "stopped"
 BACKOFF_MAX_S = 30.0
 FAILED_AFTER = 3  # consecutive crashes before a deployment is shown as failed
 HEALTHY_AFTER_S = 30.0  # a worker that lived this long resets the crash count
@@ -39,10 +41,12 @@ def backoff(crashes: int) -> float:
 
 
 class WorkerProcess:
-    """One deployment's worker process (started here or adopted) and its control link."""
+    """One worker process of a deployment (started here or adopted) and its control link;
+    ``index`` is its place in the deployment's group."""
 
-    def __init__(self, name: str, log_path: Path, python: str = sys.executable):
-        self.name, self.log_path, self.python = name, log_path, python
+    def __init__(self, name: str, log_path: Path, python: str = sys.executable,
+                 index: int = 0):
+        self.name, self.log_path, self.python, self.index = name, log_path, python, index
         self.proc: asyncio.subprocess.Process | None = None  # None when adopted
         self.link: WorkerLink | None = None
         self.record: dict = {}  # pid and start time: who to signal, and to wait for
@@ -181,39 +185,81 @@ class WorkerProcess:
 
 
 OnExit = Callable[[str, str], Awaitable[None]]  # (deployment, reason)
-OnRestart = Callable[[str], Awaitable[None]]  # (deployment): start it again
+OnRestart = Callable[[str, int], Awaitable[None]]  # (deployment, process): start it again
 
 
 class Supervisor:
-    """Keeps one worker per deployment alive: restarts crashed and hung ones with backoff."""
+    """Keeps every process of every deployment alive: restarts crashed and hung ones with
+    backoff, each alone."""
 
     def __init__(self, log_path: Callable[[str], Path], on_exit: OnExit, restart: OnRestart,
                  python: str = sys.executable, on_hung: OnExit | None = None):
         self.log_path, self.on_exit, self.restart = log_path, on_exit, restart
         self.on_hung = on_hung
         self.python = python
-        self.workers: dict[str, WorkerProcess] = {}
+        self.workers: dict[str, WorkerGroup] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def get(self, name: str) -> WorkerProcess | None:
+    def get(self, name: str) -> WorkerGroup | None:
         return self.workers.get(name)
 
-    def worker(self, name: str) -> WorkerProcess:
+    def worker(self, name: str) -> WorkerGroup:
         if name not in self.workers:
-            self.workers[name] = WorkerProcess(name, self.log_path(name), self.python)
+            self.workers[name] = WorkerGroup(name)
         return self.workers[name]
 
-    async def start(self, name: str, config: dict, timeout: float) -> dict:
-        """Start ``name``'s worker and watch it; on failure the worker is left not running."""
-        worker = self.worker(name)
+    def process(self, name: str, index: int) -> WorkerProcess:
+        """Process ``index`` of ``name`` (made, not started, when the group has no such)."""
+        group = self.worker(name)
+        while len(group.replicas) <= index:
+            group.replicas.append(WorkerProcess(name, self.log_path(name), self.python,
+                                                len(group.replicas)))
+        return group.replicas[index]
+
+    async def start(self, name: str, configs: list[dict], timeout: float) -> dict:
+        """Start all of ``name``'s processes (one config each) at once and watch them; the
+        first one's 'ready' event. If any fails, none is left running."""
+        group = self.worker(name)
+        del group.replicas[len(configs):]
+        group.peer_secret = configs[0].get("peer_secret")
+        workers = [self.process(name, c.get("replica", 0)) for c in configs]
+        for worker in workers:
+            worker.status = LOADING
+        events = await asyncio.gather(*(w.start(c, timeout) for w, c in zip(workers, configs)),
+                                      return_exceptions=True)
+        failed = next((e for e in events if isinstance(e, BaseException)), None)
+        if failed is not None:
+            await asyncio.gather(*(w.kill() for w, e in zip(workers, events)
+                                   if not isinstance(e, BaseException)))
+            for worker in workers:
+                worker.status = LOADING
+            raise failed
+        for worker in workers:
+            self.watch(worker)
+        return events[0]
+
+    async def start_one(self, name: str, config: dict, timeout: float) -> dict:
+        """Start one process of ``name`` beside its serving siblings, and watch it."""
+        worker = self.process(name, config.get("replica", 0))
         worker.status = LOADING
         event = await worker.start(config, timeout)
         self.watch(worker)
         return event
 
-    async def adopt(self, name: str, record: dict) -> dict:
-        """Attach to a running worker (not watched until ``watch``); its account of itself."""
-        return await self.worker(name).adopt(record)
+    async def stop_one(self, name: str, index: int, timeout: float) -> None:
+        """Stop (drain) process ``index`` and every one after it: the group shrinks."""
+        group = self.get(name)
+        if group is not None:
+            leaving = group.replicas[index:]
+            del group.replicas[index:]
+            await asyncio.gather(*(w.stop(timeout) for w in leaving), return_exceptions=True)
+
+    async def adopt(self, name: str, index: int, record: dict) -> dict:
+        """Attach to a running process (not watched until ``watch``); its account of itself."""
+        described = await self.process(name, index).adopt(record)
+        group = self.worker(name)
+        group.peer_secret = record.get("peer_secret") or group.peer_secret
+        return described
 
     def watch(self, worker: WorkerProcess) -> None:
         self._spawn(self._watch(worker, worker.generation, worker.exited()))
@@ -250,7 +296,10 @@ class Supervisor:
                 return
             if worker.status != READY:
                 continue
-            problem = await healthcheck.problem(worker, healthcheck.timeout_s())
+            group = self.get(worker.name)
+            alone = group is None or len(group.replicas) <= 1
+            # The shared port answers from any process: its probe speaks for one alone.
+            problem = await healthcheck.problem(worker, healthcheck.timeout_s(), http=alone)
             if worker.stopping or worker.generation != generation:
                 return
             if problem is None:
@@ -275,25 +324,34 @@ class Supervisor:
             if worker.stopping or worker.pid is not None:
                 return
             worker.restarts += 1
-            await self.restart(worker.name)
+            await self.restart(worker.name, worker.index)
 
         self._spawn(later())
 
-    def note_failed_start(self, name: str, error: str) -> None:
-        """A (re)start failed: show it, and try again later with a longer wait."""
-        worker = self.worker(name)
-        worker.crashes += 1
-        worker.error = error
-        worker.status = FAILED if worker.crashes >= FAILED_AFTER else LOADING
-        self.schedule_restart(worker)
+    def note_failed_start(self, name: str, error: str, index: int | None = None) -> None:
+        """A (re)start of process ``index`` (None: of all) failed: show it, and try again
+        later with a longer wait."""
+        group = self.worker(name)
+        if not group.replicas:
+            self.process(name, 0)
+        for worker in group.replicas if index is None else [self.process(name, index)]:
+            if worker.pid is not None:
+                continue
+            worker.crashes += 1
+            worker.error = error
+            worker.status = FAILED if worker.crashes >= FAILED_AFTER else LOADING
+            self.schedule_restart(worker)
 
     async def stop(self, name: str, timeout: float) -> None:
         worker = self.workers.pop(name, None)
         if worker:
             await worker.stop(timeout)
 
+    def _all(self) -> list[WorkerProcess]:
+        return [w for group in self.workers.values() for w in group.replicas]
+
     async def stop_all(self, timeout: float) -> None:
-        workers = list(self.workers.values())
+        workers = self._all()
         for w in workers:
             w.stopping = True
         await asyncio.gather(*(w.stop(timeout) for w in workers), return_exceptions=True)
@@ -303,7 +361,7 @@ class Supervisor:
     async def leave_all(self) -> None:
         """Leave every worker serving (``daemon stop --keep-serving``): tell each this daemon
         leaves on purpose, so none starts a replacement daemon; the next one adopts them."""
-        workers = list(self.workers.values())
+        workers = self._all()
         for w in workers:
             w.stopping = True
         await asyncio.gather(*(w.request("bye", 2) for w in workers if w.link),

@@ -3,16 +3,20 @@ secret, where to report), its ports, its TLS files, and the daemon's time limits
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import secrets
 import socket
+import time
 from pathlib import Path
 
 from mserve.daemon import workerrecord
-from mserve.daemon.errors import BadRequest, MserveError
+from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
 from mserve.daemon.paths import Paths, ensure_private_dir
 from mserve.daemon.state import State
 from mserve.daemon.store import Store
+from mserve.daemon.workergroup import worker_count
 
 
 def load_timeout() -> float:
@@ -31,11 +35,13 @@ def respawn_daemon() -> bool:
 
 
 def worker_config(paths: Paths, store: Store, d: dict, versions: list[tuple[dict | None, bool]],
-                  bind_retry_s: float, route: dict | None = None) -> dict:
-    """The config of a worker for deployment ``d`` serving ``versions`` ((row, active)
-    pairs). It travels on the worker's stdin: it holds the token's hash and the secret."""
+                  bind_retry_s: float, route: dict | None = None, replica: int = 0,
+                  join: bool = False, peer_secret: str | None = None) -> dict:
+    """The config of process ``replica`` of deployment ``d``, serving ``versions`` ((row,
+    active) pairs). ``join``: its siblings hold the ports already. It travels on the worker's
+    stdin: it holds the token's hash and the secrets."""
     name = d["name"]
-    control = workerrecord.socket_path(paths, name)
+    control = workerrecord.socket_path(paths, name, replica)
     ensure_private_dir(control.parent)  # ours and 0700, even when it exists already
     return {
         "route": route or {"traffic": None, "labels": {},
@@ -45,7 +51,9 @@ def worker_config(paths: Paths, store: Store, d: dict, versions: list[tuple[dict
         "options": {**d["options"], "request_log": str(paths.request_log(name))},
         "bind_retry_s": bind_retry_s, "drain_s": drain_timeout(),
         "control_socket": str(control), "secret": secrets.token_hex(16),
-        "record": str(workerrecord.record_path(paths, name)),
+        "record": str(workerrecord.record_path(paths, name, replica)),
+        "replica": replica, "join": join, "peers": peer_sockets(paths, d),
+        "peer_secret": peer_secret,
         "log_path": str(paths.worker_log(name)), "daemon_socket": str(paths.socket),
         "daemon_log": str(paths.daemon_log), "respawn_daemon": respawn_daemon(),
         "start_timeout_s": load_timeout() * 1.25 + 2,
@@ -53,6 +61,54 @@ def worker_config(paths: Paths, store: Store, d: dict, versions: list[tuple[dict
                       "transformer": store.script_of(v), "active": active}
                      for v, active in versions if v],
     }
+
+
+def group_configs(paths: Paths, store: Store, d: dict, versions: list[tuple[dict | None, bool]],
+                  bind_retry_s: float, route: dict | None = None) -> list[dict]:
+    """The configs of all of ``d``'s processes, started together (one secret between them)."""
+    peer_secret = secrets.token_hex(16)
+    return [worker_config(paths, store, d, versions, bind_retry_s, route, replica, False,
+                          peer_secret)
+            for replica in range(worker_count(d["options"].get("workers")))]
+
+
+async def claim_ports(configs: list[dict]) -> list[dict]:
+    """Processes started together: prove the ports free here, as a lone worker does itself
+    before it binds (retrying while a previous worker still holds them), then let every
+    process join the ports. DeployFailed when something else holds one."""
+    if len(configs) < 2:
+        return configs
+    first = configs[0]
+    for port, option in ((first["port"], "--port"), (first["options"].get("grpc_port"),
+                                                     "--grpc-port")):
+        if port:
+            await asyncio.to_thread(_prove_free, first["host"], port, first["bind_retry_s"],
+                                    option)
+    return [{**config, "join": True} for config in configs]
+
+
+def _prove_free(host: str, port: int, retry_s: float, option: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + retry_s
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                    what = "gRPC port" if option == "--grpc-port" else "port"
+                    raise DeployFailed(f"{what} {port} is already in use ({host}:{port}); "
+                                       f"choose another with {option}") from None
+        time.sleep(0.1)
+
+
+def peer_sockets(paths: Paths, d: dict) -> list[str]:
+    """Where each process of ``d`` answers its siblings (none for a single process)."""
+    count = worker_count(d["options"].get("workers"))
+    return [str(workerrecord.socket_path(paths, d["name"], i, "p")) for i in range(count)] \
+        if count > 1 else []
 
 
 def used_ports(state: State) -> set[int]:

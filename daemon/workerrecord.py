@@ -26,14 +26,24 @@ def folder(paths: Paths) -> Path:
     return paths.home / RECORDS
 
 
-def record_path(paths: Paths, name: str) -> Path:
-    return folder(paths) / f"{name}.json"
+def record_path(paths: Paths, name: str, replica: int = 0) -> Path:
+    """``NAME.json``, and ``NAME@I.json`` for process I > 0 of a deployment with several
+    (``@`` is not allowed in names, so no deployment's record is another's)."""
+    return folder(paths) / (f"{name}.json" if not replica else f"{name}@{replica}.json")
 
 
-def socket_path(paths: Paths, name: str) -> Path:
-    """The worker's control socket: next to the daemon's when that fits a socket address,
+def split_stem(stem: str) -> tuple[str, int]:
+    """A record's file stem as (deployment, process index)."""
+    name, _, index = stem.partition("@")
+    return name, int(index) if index.isdigit() else 0
+
+
+def socket_path(paths: Paths, name: str, replica: int = 0, kind: str = "w") -> Path:
+    """A worker's private socket (``kind`` w: its control socket, p: where its sibling
+    processes ask it for its figures): next to the daemon's when that fits a socket address,
     else in a private folder under /tmp named after the home."""
-    short = "w-" + hashlib.sha256(name.encode()).hexdigest()[:12] + ".sock"
+    short = f"{kind}-" + hashlib.sha256(name.encode()).hexdigest()[:12] + \
+        (f"-{replica}" if replica else "") + ".sock"
     wanted = paths.socket.parent / short
     if len(os.fsencode(wanted)) <= MAX_SOCKET_PATH:
         return wanted
@@ -76,14 +86,16 @@ def remove(path: Path, pid: int) -> None:
             path.unlink()
 
 
-def read_all(paths: Paths) -> dict[str, dict]:
-    """Every worker record, by deployment name; unreadable ones are skipped."""
-    found = {}
+def read_all(paths: Paths) -> dict[str, dict[int, dict]]:
+    """Every worker record, by deployment name and process index; unreadable ones are
+    skipped."""
+    found: dict[str, dict[int, dict]] = {}
     for path in sorted(folder(paths).glob("*.json")) if folder(paths).is_dir() else []:
         with contextlib.suppress(OSError, ValueError):
             record = json.loads(path.read_text())
             if isinstance(record, dict) and isinstance(record.get("pid"), int):
-                found[path.stem] = {**record, "path": str(path)}
+                name, index = split_stem(path.stem)
+                found.setdefault(name, {})[index] = {**record, "path": str(path)}
     return found
 
 

@@ -13,7 +13,7 @@ from mserve.cli.render import BadUsage, JsonOption, emit_json, say
 from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import MserveError
 from mserve.daemon.paths import check_name
-from mserve.daemon.plan import MAX_THREADS, THREADS_HELP
+from mserve.daemon.plan import MAX_THREADS, THREADS_HELP, WORKERS_HELP, parse_workers
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -88,6 +88,7 @@ def deploy(
         min=1, max=64, help="ONNX Runtime sessions per version.")] = None,
     threads: Annotated[Optional[int], typer.Option(
         min=1, max=MAX_THREADS, help=THREADS_HELP)] = None,
+    workers: Annotated[Optional[str], typer.Option(metavar="N|auto", help=WORKERS_HELP)] = None,
     token: RequireTokenOption = None,
     token_file: TokenFileOption = None,
     tls_cert: Annotated[Optional[Path], typer.Option(
@@ -107,6 +108,10 @@ def deploy(
     """
     if name is not None and (problem := check_name(name)):
         raise BadUsage(problem)
+    try:
+        count = parse_workers(workers) if workers is not None else None
+    except ValueError as exc:
+        raise BadUsage(str(exc)) from None
     from_env = token is None and token_file is None and bool(os.environ.get(tokens.ENV))
     token = tokens.resolve(token, token_file)
     if from_env:
@@ -124,7 +129,8 @@ def deploy(
                "host": host, "device": device.value if device else None,
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
-               "threads": threads, "batching": batching.value if batching else None,
+               "threads": threads, "workers": count,
+               "batching": batching.value if batching else None,
                "allow_signature_change": allow_signature_change,
                "token": token, "tls_cert": _absolute(tls_cert), "tls_key": _absolute(tls_key)}
     client = autostart.client()

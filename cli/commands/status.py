@@ -27,7 +27,7 @@ def status(
     say(f"{d['name']}: version {d['version']} {d['status']} at {d['url']} ({d['device']})")
     for label, value in [
         ("loaded", ", ".join(str(n) for n in d["loaded"]) or "-"),
-        ("worker", f"pid {d['pid']}, {memory}, {d['restarts']} restarts"),
+        ("worker", _worker_text(d, memory)),
         ("last minute", f"{requests} requests, errors {errors}, p50 {p50}, p99 {p99}"),
         ("batching", _batching_text(d.get("batching"))),
         ("transformer", transformer_text(d.get("transformer"))),
@@ -57,3 +57,13 @@ def history_table(events: list[dict]) -> None:
     table(["time", "action", "version", "detail", "by"],
           [[e["time"].replace("T", " ")[:19], e["action"], e["version"], e["detail"] or "",
             e["actor"]] for e in events])
+
+
+def _worker_text(d: dict, memory: str) -> str:
+    """``pid 9485, 98 MB, 0 restarts``; with --workers, every process's pid (``-`` for one
+    being restarted) and their memory together."""
+    pids = d.get("pids") or [d["pid"]]
+    if len(pids) <= 1:
+        return f"pid {d['pid']}, {memory}, {d['restarts']} restarts"
+    shown = ", ".join(str(p) if p else "-" for p in pids)
+    return f"{len(pids)} processes (pids {shown}), {memory} in all, {d['restarts']} restarts"

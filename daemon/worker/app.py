@@ -61,7 +61,7 @@ class WorkerApp:
     async def _route(self, request: Request):
         path, method = request.path, request.method
         if method == "GET":
-            return routes.get(self.s, path)
+            return await routes.get(self.s, path)
         if method == "POST":
             if m := V2_MODEL.fullmatch(path):
                 if m["op"] == "/infer":
@@ -72,7 +72,7 @@ class WorkerApp:
                 if (answer := routes.repository(self.s, path, request.body)) is not None:
                     return answer
         elif method == "HEAD" and routes.allowed(path) == routes.GET_ALLOW:
-            return routes.get(self.s, path)  # the server sends GET's head without its body
+            return await routes.get(self.s, path)  # the server sends GET's head without its body
         raise routes.unrouted(method, path)
 
     async def _inference(self, m: re.Match, request: Request, handler):

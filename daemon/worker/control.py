@@ -24,7 +24,9 @@ import sys
 import threading
 from pathlib import Path
 
-from mserve.daemon.errors import MserveError
+from mserve.daemon import faults
+from mserve.daemon.errors import DeployFailed, MserveError
+from mserve.daemon.paths import serve_private
 from mserve.daemon.worker import runtime
 from mserve.daemon.worker.serving import Serving
 
@@ -87,6 +89,8 @@ class Control:
     async def _do(self, msg: dict) -> dict:
         op = msg.get("op")
         if op == "load":
+            if why := faults.refused("load", int(self.config.get("replica") or 0)):
+                raise DeployFailed(why)
             if "options" in msg:
                 await self.apply_options({**self.serving.options, **msg["options"]})
             model = await asyncio.to_thread(runtime.load, msg["number"], msg["path"],
@@ -102,6 +106,8 @@ class Control:
             self.serving.activate(msg["number"], msg.get("keep", []))
             route = msg.get("route") or {}
             self.serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
+            if "peers" in msg:  # the deployment's processes, as many as it runs now
+                await self.serving.siblings.configure(msg["peers"], msg.get("peer_secret"))
             return {"active": msg["number"], "loaded": sorted(self.serving.models)}
         if op == "options":
             return {"changed": await self.apply_options({**self.serving.options,
@@ -112,7 +118,8 @@ class Control:
             return {"active": self.serving.active, "loaded": sorted(self.serving.models)}
         if op == "stats":
             return {"active": self.serving.active, "loaded": sorted(self.serving.models),
-                    "rss_bytes": rss_bytes(), **self.serving.recent.summary(),
+                    "pid": os.getpid(), "rss_bytes": rss_bytes(),
+                    **self.serving.recent.summary(),
                     "versions": {str(n): s.summary() for n, s in self.serving.stats.items()}}
         raise MserveError(f"unknown command {op!r}")
 
@@ -151,15 +158,7 @@ class ControlServer:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # a stale socket of a dead worker of this deployment
-        old_umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(self._client, str(self.path),
-                                                           limit=16 * 2**20)
-        finally:
-            os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        self._server = await serve_private(self._client, self.path, 16 * 2**20)
 
     def close(self) -> None:
         if self._server is not None:
@@ -191,6 +190,9 @@ class ControlServer:
                     self._spawn(self._answer(writer, json.loads(line)))
         except (ConnectionError, asyncio.LimitOverrunError, ValueError):
             pass
+        except asyncio.CancelledError:  # the worker is exiting: asyncio's stream callback
+            writer.close()              # would log a cancelled task as an ERROR
+            return
         if self.current is writer:
             self.current = None
             self._lost()

@@ -335,7 +335,7 @@ class NativeServer:
             return conn
 
         server = await loop.create_server(factory, host or None, port, ssl=context,
-                                          backlog=1024)
+                                          backlog=1024, reuse_port=True)  # --workers
         self.servers.append(server)
         return server.sockets[0].getsockname()[1]
 

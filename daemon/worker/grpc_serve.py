@@ -82,10 +82,11 @@ class GrpcServer:
 
     @classmethod
     async def start(cls, serving: Serving, host: str, port: int, tls: dict | None,
-                    max_body: int) -> GrpcServer:
+                    max_body: int, join: bool = False) -> GrpcServer:
         """Bind ``host:port`` and start serving; a port that cannot be bound raises
-        RuntimeError (grpcio's error), an unreadable certificate or key OSError."""
-        if port and listeners(port):
+        RuntimeError (grpcio's error), an unreadable certificate or key OSError. ``join``:
+        the deployment's other processes listen there already (``--workers``)."""
+        if port and not join and listeners(port):
             raise RuntimeError(f"Failed to bind to address {host}:{port}: another program "
                                "listens on that port")
         self = cls(Servicer(serving, max_body), Health(serving), host, port, tls, max_body,

@@ -156,10 +156,10 @@ class Servicer:
     async def model_statistics(self, request, context, headers):
         s = self.s
         if not request.name:  # every model this port serves: this one
-            docs = s.statistics(None)
+            docs = await s.siblings.statistics(None)
         else:
             model = s.model(request.name, request.version or None)
-            docs = s.statistics(model.number if request.version else None)
+            docs = await s.siblings.statistics(model.number if request.version else None)
         return json_format.ParseDict({"model_stats": docs}, pb.ModelStatisticsResponse(),
                                      ignore_unknown_fields=True)
 
@@ -326,8 +326,8 @@ def _peer(context) -> str | None:
 
 
 async def start_grpc(serving: Serving, host: str, port: int, tls: dict | None,
-                     max_message_bytes: int):
+                     max_message_bytes: int, join: bool = False):
     """Bind ``host:port`` and start serving (see grpc_serve.GrpcServer)."""
     from mserve.daemon.worker.grpc_serve import GrpcServer
 
-    return await GrpcServer.start(serving, host, port, tls, max_message_bytes)
+    return await GrpcServer.start(serving, host, port, tls, max_message_bytes, join)

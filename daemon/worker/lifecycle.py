@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mserve.daemon import workerrecord
+from mserve.daemon.worker import sharedlog
 
 log = logging.getLogger("mserve.worker")
 LOG_MAX_BYTES = 16 * 2**20
@@ -34,7 +35,8 @@ class Record:
                        "started": workerrecord.start_time(os.getpid()),
                        "socket": config["control_socket"], "secret": config["secret"],
                        "port": config["port"], "restarts": config.get("restarts", 0),
-                       "ready": False}
+                       "replica": config.get("replica", 0),
+                       "peer_secret": config.get("peer_secret"), "ready": False}
 
     def write(self, ready: bool) -> None:
         try:
@@ -67,8 +69,9 @@ class StartDeadline:
 
 class LogRotation:
     """The worker's log is its stderr (fd 2, where ONNX Runtime writes too): past
-    ``max_bytes`` (``MSERVE_WORKER_LOG_MAX_BYTES``, 16 MiB) it becomes ``NAME.log.1`` (older ones shift up to ``.3``) and fd 2 is
-    pointed at a fresh file."""
+    ``max_bytes`` (``MSERVE_WORKER_LOG_MAX_BYTES``, 16 MiB) it becomes ``NAME.log.1`` (older
+    ones shift up to ``.3``) and fd 2 is pointed at a fresh file, by whichever of the
+    deployment's processes sees it first; the others follow (sharedlog.py)."""
 
     def __init__(self, path: str | None, max_bytes: int | None = None,
                  backups: int = LOG_BACKUPS):
@@ -83,13 +86,11 @@ class LogRotation:
             return
         self._last = now
         try:
-            if os.fstat(2).st_size < self.max_bytes:
+            if os.fstat(2).st_size >= self.max_bytes:  # every process of the deployment
+                sharedlog.rotate(self.path, self.max_bytes, self.backups)  # writes here
+            if not sharedlog.moved(2, self.path):
                 return
-            for n in range(self.backups - 1, 0, -1):
-                if os.path.exists(f"{self.path}.{n}"):
-                    os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
-            os.replace(self.path, f"{self.path}.1")
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = sharedlog.open_append(self.path)
             os.dup2(fd, 2)
             os.dup2(fd, 1)  # stray prints, which the channel sends to stderr's file
             os.close(fd)

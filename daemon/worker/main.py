@@ -108,16 +108,30 @@ class Console:
             print(f"Error: {message['error']}", file=sys.stderr, flush=True)
 
 
-def bind(host: str, port: int, retry_seconds: float, listen: bool = True) -> socket.socket:
+def bind(host: str, port: int, retry_seconds: float, listen: bool = True,
+         join: bool = False) -> socket.socket:
     """Bind the deployment's port ourselves, retrying a while if a previous worker still holds
     it (a restart after a crash); a port held by anything else is a clean error. Without
-    ``listen`` it only proves the port free (the gRPC port, which grpcio binds itself)."""
+    ``listen`` it only proves the port free (the gRPC port, which the gRPC server binds).
+
+    The socket has SO_REUSEPORT, so the deployment's other processes (``--workers``) can
+    bind the port too. Linux lets only the same user share it, and the port is first proven
+    free without the option (a stray server of ours would otherwise share it unnoticed),
+    unless ``join``: the siblings hold it already."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     deadline = time.monotonic() + retry_seconds
     while True:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
+            if not join:
+                sock.bind((host, port))  # free: nothing listens, not even one of ours
+                sock.close()
+                if not listen:
+                    return sock
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             if listen:
                 sock.listen(2048)
@@ -168,6 +182,8 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
     route = config.get("route") or {}
     serving.route(route.get("traffic"), route.get("labels"), route.get("sticky"))
     control = Control(serving, config)
+    serving.siblings.replica = int(config.get("replica") or 0)
+    await serving.siblings.configure(config.get("peers") or [], config.get("peer_secret"))
     loop = asyncio.get_running_loop()
     grace = Grace(control, config.get("drain_grace_s") or 0)
     loop.add_signal_handler(signal.SIGTERM, grace.begin, f"signal {signal.SIGTERM}")
@@ -177,7 +193,8 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
 
         try:
             control.grpc = await start_grpc(serving, config["host"], grpc_port,
-                                            config["options"].get("tls"), serving.max_body)
+                                            config["options"].get("tls"), serving.max_body,
+                                            join=bool(config.get("join")))
         except (RuntimeError, OSError) as exc:  # bound by another since main() checked it
             channel.send({"event": "failed", "error": f"cannot serve gRPC on port {grpc_port}: "
                                                       f"{exc}"})
@@ -198,6 +215,7 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
         await control.stopping.wait()
         if server is not None:
             server.close()  # no daemon can change or adopt a worker that is leaving
+        serving.siblings.close()
         draining = [http.drain(config.get("drain_s", 30))]
         if (grpc_stopping := control.stop_grpc()) is not None:
             draining.append(grpc_stopping)
@@ -245,13 +263,15 @@ def main(argv: list[str]) -> int:
 def _start_and_serve(config: dict, channel, deadline: StartDeadline, record: Record | None
                      ) -> int:
     try:
-        sock = bind(config["host"], config["port"], config.get("bind_retry_s", 5.0))
+        sock = bind(config["host"], config["port"], config.get("bind_retry_s", 5.0),
+                    join=bool(config.get("join")))
     except OSError as exc:
         channel.send({"event": "failed", "error": _bind_error(exc, config)})
         return EXIT_BIND
     if grpc_port := config["options"].get("grpc_port"):
         try:
-            bind(config["host"], grpc_port, config.get("bind_retry_s", 5.0), listen=False).close()
+            bind(config["host"], grpc_port, config.get("bind_retry_s", 5.0), listen=False,
+                 join=bool(config.get("join"))).close()
         except OSError as exc:
             sock.close()
             channel.send({"event": "failed",

@@ -10,14 +10,20 @@ Lines are buffered and flushed at least once a second.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import time
 from dataclasses import dataclass
 
 import orjson
 
+from mserve.daemon.worker import sharedlog
+
+log = logging.getLogger("mserve.worker")
+
 MAX_BYTES = 16 * 2**20
 BACKUPS = 3
+FLUSH_BYTES = 1 << 16  # and at least once a second
 PAYLOAD_MAX = 64 * 1024
 
 
@@ -48,18 +54,23 @@ class Call:
 
 
 class RequestLog:
+    """The deployment's request log. Every worker process of the deployment appends to the
+    one file (sharedlog.py): lines are buffered and written whole, and whichever process
+    sees the file past ``max_bytes`` rotates it for all."""
+
     def __init__(self, path: str | None, max_bytes: int = MAX_BYTES, backups: int = BACKUPS,
                  payloads: bool = False):
         self.path, self.max_bytes, self.backups = path, max_bytes, backups
         self.payloads = payloads
-        self._file = open(path, "ab", buffering=1 << 16) if path else None
-        self._size = os.path.getsize(path) if path else 0
+        self._fd = sharedlog.open_append(path) if path else None
+        self._lines: list[bytes] = []
+        self._buffered = 0
         self._count = 0
         self._pid = f"{os.getpid():x}"
         self._second, self._stamp = -1, ""
 
     def write(self, call: Call, latency_s: float) -> None:
-        if self._file is None:
+        if self._fd is None:
             return
         self._count += 1
         line = orjson.dumps({
@@ -71,10 +82,10 @@ class RequestLog:
             **(_pipeline_times(call) if call.pre_s is not None else {}),
             **(_payloads(call) if self.payloads else {}),
         }) + b"\n"
-        self._file.write(line)
-        self._size += len(line)
-        if self._size > self.max_bytes:
-            self._rotate()
+        self._lines.append(line)
+        self._buffered += len(line)
+        if self._buffered >= FLUSH_BYTES:
+            self.flush()
 
     def _now(self) -> str:
         """UTC time with milliseconds; the formatted second is cached (this runs per request)."""
@@ -86,18 +97,20 @@ class RequestLog:
         return f"{self._stamp}.{int((t - second) * 1000):03d}Z"
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-
-    def _rotate(self) -> None:
-        self._file.close()
-        for i in range(self.backups - 1, 0, -1):
-            if os.path.exists(f"{self.path}.{i}"):
-                os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
-        os.replace(self.path, f"{self.path}.1")
-        self._file = open(self.path, "ab", buffering=1 << 16)
-        self._size = 0
-
+        """Write the buffered lines in one append, then rotate the file if it is too big
+        (or follow a rotation another process made)."""
+        if self._fd is None or not self._lines:
+            return
+        data, self._lines, self._buffered = b"".join(self._lines), [], 0
+        try:
+            sharedlog.write_all(self._fd, data)
+            if os.fstat(self._fd).st_size >= self.max_bytes:
+                sharedlog.rotate(self.path, self.max_bytes, self.backups)
+            if sharedlog.moved(self._fd, self.path):
+                fd, self._fd = self._fd, sharedlog.open_append(self.path)
+                os.close(fd)
+        except OSError as exc:  # a full disk: the lines are lost, serving goes on
+            log.warning("could not write the request log %s: %s", self.path, exc)
 
 
 def _pipeline_times(call: Call) -> dict:

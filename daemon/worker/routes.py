@@ -73,8 +73,9 @@ def unrouted(method: str, path: str) -> MserveError:
     return MethodNotAllowed(method, path, allow)
 
 
-def get(s: Serving, path: str):
-    """Answer ``GET path``."""
+async def get(s: Serving, path: str):
+    """Answer ``GET path``. Metrics and statistics are the deployment's: with several
+    worker processes, this one asks the others (siblings.py)."""
     if path == "/v2/health/live":
         return _json({"live": True})
     if path == "/v2/health/ready":
@@ -86,16 +87,25 @@ def get(s: Serving, path: str):
     if path == "/v2":
         return _json(SERVER_METADATA)
     if path == "/metrics":
-        return 200, s.metrics.render(), [(b"content-type", s.metrics.content_type.encode())]
+        return 200, await s.siblings.metrics(), [(b"content-type",
+                                                   s.metrics.content_type.encode())]
     if path == "/v1/models":
         return _json({"models": [s.name]})
     if path == "/v2/models/stats":
-        return _json({"model_stats": s.statistics(None)})
+        return _json({"model_stats": await s.siblings.statistics(None)})
     if (m := V2_MODEL.fullmatch(path)) and m["op"] != "/infer":
+        if m["op"] == "/stats":
+            return _json({"model_stats": await _statistics(s, m)})
         return _json(_v2_model(s, m))
     if (m := V1_MODEL.fullmatch(path)) and not m["op"]:
         return _json(v1_status(s, m["name"], m["version"], m["label"]))
     raise unrouted("GET", path)
+
+
+async def _statistics(s: Serving, m: re.Match) -> list[dict]:
+    pinned = m["version"] is not None or m["label"] is not None
+    model = s.model(m["name"], m["version"], m["label"]) if pinned else _active(s, m["name"])
+    return await s.siblings.statistics(model.number if pinned else None)
 
 
 def _v2_model(s: Serving, m: re.Match) -> dict:
@@ -103,8 +113,6 @@ def _v2_model(s: Serving, m: re.Match) -> dict:
     model = s.model(m["name"], m["version"], m["label"]) if pinned else _active(s, m["name"])
     if m["op"] == "/ready":
         return {"name": s.name, "ready": True}
-    if m["op"] == "/stats":
-        return {"model_stats": s.statistics(model.number if pinned else None)}
     if m["op"] == "/config":
         return model_config(s.name, model, s.options, versions=sorted(s.models))
     return codecs.model_metadata(s.name, [str(n) for n in sorted(s.models)], model.inputs,

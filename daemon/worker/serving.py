@@ -23,6 +23,7 @@ from mserve.daemon.worker.batcher import Batcher
 from mserve.daemon.worker.metrics import Metrics
 from mserve.daemon.worker.requestlog import Call, RequestLog
 from mserve.daemon.worker.runtime import LoadedModel
+from mserve.daemon.worker.siblings import Siblings
 from mserve.daemon.worker.stats import Recent, VersionStats
 
 log = logging.getLogger("mserve.worker")
@@ -49,6 +50,7 @@ class Serving:
         self.metrics = Metrics(name)
         self.stats: dict[int, VersionStats] = {}
         self.recent = Recent()
+        self.siblings = Siblings(self)  # the deployment's other processes (--workers)
         self.log = RequestLog(options.get("request_log"), payloads=bool(options.get("log_payloads")))
         self.executor = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
         self.codec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="codec")

@@ -114,16 +114,20 @@ class Recent:
             slot[2] += 1
 
     def summary(self) -> dict:
+        """The last minute's counts and percentiles, and its latency histogram (bins that
+        are not empty, by index), so the figures of several processes can be merged."""
         now = int(self.clock())
         live = [s for s in self.slots if now - s[0] < WINDOW_S]
         hist = [sum(s[3][i] for s in live) for i in range(len(EDGES) + 1)]
         requests, errors = sum(s[1] for s in live), sum(s[2] for s in live)
         return {"requests_1m": requests, "errors_1m": errors,
                 "error_rate_1m": round(errors / requests, 4) if requests else 0.0,
-                "p50_ms_1m": _percentile(hist, 0.50), "p99_ms_1m": _percentile(hist, 0.99)}
+                "p50_ms_1m": percentile_ms(hist, 0.50), "p99_ms_1m": percentile_ms(hist, 0.99),
+                "hist_1m": {str(i): n for i, n in enumerate(hist) if n}}
 
 
-def _percentile(hist: list[int], q: float) -> float | None:
+def percentile_ms(hist: list[int], q: float) -> float | None:
+    """The ``q`` quantile of a latency histogram over ``EDGES``, in milliseconds."""
     total = sum(hist)
     if not total:
         return None
