@@ -23,8 +23,9 @@ from mserve.cli.render import BadUsage
 from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import BadRequest
 from mserve.daemon.paths import check_name
-from mserve.daemon.plan import MAX_THREADS, THREADS_HELP, hash_token
+from mserve.daemon.plan import MAX_THREADS, THREADS_HELP, hash_token, parse_workers
 from mserve.daemon.store import MODEL_FILE, model_in
+from mserve.daemon.workergroup import worker_count
 
 
 def serve(
@@ -58,6 +59,9 @@ def serve(
         min=1, max=64, help="ONNX Runtime sessions.")] = 1,
     threads: Annotated[Optional[int], typer.Option(
         min=1, max=MAX_THREADS, help=THREADS_HELP)] = None,
+    workers: Annotated[str, typer.Option(
+        metavar="N|auto", help="Worker processes sharing the ports (default 1; auto: one per "
+                               "core), each with its own sessions and batcher.")] = "1",
     token: RequireTokenOption = None,
     token_file: TokenFileOption = None,
     tls_cert: Annotated[Optional[Path], typer.Option(
@@ -82,6 +86,10 @@ def serve(
     """
     if name is not None and (problem := check_name(name.lower())):
         raise BadUsage(problem)  # bad usage: exit 2
+    try:
+        count = worker_count(parse_workers(workers))
+    except ValueError as exc:
+        raise BadUsage(str(exc)) from None
     token = tokens.resolve(token, token_file)
     model, number, hint = locate(path.expanduser())
     name = (name or hint or default_name(path.expanduser())).lower()
@@ -107,6 +115,12 @@ def serve(
               "drain_grace_s": drain_grace,
               "versions": [{"number": number, "path": str(model.absolute()), "active": True,
                             "transformer": _script(transformer)}]}
+    if count > 1:
+        from mserve.daemon.worker.fleet import serve_many
+
+        if serve_many(config, count) != 0:
+            raise typer.Exit(1)  # the reason is printed
+        return
     # Until the worker installs its own handlers, SIGTERM stops a long load at once (a
     # container's PID 1 would otherwise ignore it).
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -232,6 +232,17 @@ async def _every_second(serving: Serving, rotation: LogRotation) -> None:
         rotation.check()
 
 
+def die_with(parent: int) -> None:
+    """A worker of ``serve --workers N`` ends with its command, even one killed with SIGKILL:
+    when the parent is gone (this process was handed to another), SIGTERM to itself."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
 def read_config(argv: list[str]) -> dict:
     """The config: argv[1] when it is JSON (``mserve serve`` in-process), else one line on
     stdin (the daemon's way: argv is visible to every local user)."""
@@ -246,8 +257,11 @@ def read_config(argv: list[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     config = read_config(argv)
+    if parent := config.get("parent_pid"):
+        die_with(parent)
     standalone = bool(config.get("standalone"))
-    channel = Console(config) if standalone else Channel()
+    # ``report_events``: one of ``serve --workers N``'s processes, reporting to that command.
+    channel = Console(config) if standalone and not config.get("report_events") else Channel()
     configure_logging()
     raise_fd_limit()
     record = None if standalone else Record(config)

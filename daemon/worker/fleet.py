@@ -1,0 +1,167 @@
+"""``mserve serve --workers N``: N worker processes for the one model, with no daemon.
+
+The foreground process proves the ports free, starts N standalone workers that share them
+(SO_REUSEPORT; each with its own sessions and batcher; they ask each other for their figures
+as a daemon's workers do, over private sockets in a temporary 0700 folder), says once that it
+serves, and supervises: a worker that exits is started again alone (0.25 s, doubling to 30 s
+while it keeps dying), the others serving meanwhile. SIGTERM and SIGINT go to every worker,
+which each run their grace and drain as a lone ``serve`` does; the command exits when all have
+(0, or 1 when the start failed). Each worker's config travels on its stdin, never in argv.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+BACKOFF_MAX_S = 30.0
+
+
+class Fleet:
+    def __init__(self, config: dict, count: int):
+        self.config, self.count = config, count
+        self.folder = tempfile.mkdtemp(prefix="mserve-serve-")  # 0700
+        self.peers = [os.path.join(self.folder, f"p-{i}.sock") for i in range(count)]
+        self.secret = secrets.token_hex(16)
+        self.procs: list[subprocess.Popen | None] = [None] * count
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def child_config(self, index: int) -> dict:
+        return {**self.config, "replica": index, "join": True, "peers": self.peers,
+                "peer_secret": self.secret, "report_events": True, "parent_pid": os.getpid()}
+
+    def spawn(self, index: int) -> tuple[subprocess.Popen, dict]:
+        """Start worker ``index``; it and its start-up event (ready or failed)."""
+        proc = subprocess.Popen([sys.executable, "-m", "mserve.daemon.worker",
+                                 self.config["name"]], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        proc.stdin.write((json.dumps(self.child_config(index)) + "\n").encode())
+        proc.stdin.close()
+        event = {"event": "failed", "error": f"worker {index} exited during start-up"}
+        for line in proc.stdout:
+            with contextlib.suppress(ValueError):
+                message = json.loads(line)
+                if isinstance(message, dict) and "event" in message:
+                    event = message
+                    break
+        proc.stdout.close()
+        return proc, event
+
+    def start(self) -> str | None:
+        """Start every worker at once; None when all serve, else the first error (and none
+        is left running)."""
+        results: list = [None] * self.count
+
+        def one(i: int) -> None:
+            results[i] = self.spawn(i)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(self.count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self.procs = [proc for proc, _ in results]
+        error = next((e["error"] for _, e in results if e.get("event") != "ready"), None)
+        if error is not None:
+            self.signal(signal.SIGKILL)
+            for proc in self.procs:
+                proc.wait()
+        return error
+
+    def signal(self, sig: int) -> None:
+        with self.lock:
+            for proc in self.procs:
+                if proc is not None and proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(sig)
+
+    def watch(self, index: int) -> None:
+        """Keep worker ``index`` running until the fleet stops."""
+        crashes, started = 0, time.monotonic()
+        while True:
+            code = self.procs[index].wait()
+            if self.stopping.is_set():
+                return
+            crashes = 1 if time.monotonic() - started > 30 else crashes + 1
+            delay = min(BACKOFF_MAX_S, 0.25 * 2 ** min(crashes - 1, 16))
+            print(f"worker {index} (pid {self.procs[index].pid}) exited ({_exit(code)}); "
+                  f"starting it again in {delay:g} s", file=sys.stderr, flush=True)
+            if self.stopping.wait(delay):
+                return
+            with self.lock:
+                proc, event = self.spawn(index)
+                self.procs[index] = proc
+            started = time.monotonic()
+            if event.get("event") != "ready":
+                print(f"worker {index} did not start again: {event.get('error')}",
+                      file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def serve_many(config: dict, count: int) -> int:
+    """Serve ``config`` (a standalone worker's) with ``count`` processes; the exit code."""
+    for port, option in ((config["port"], "--port"),
+                         (config["options"].get("grpc_port"), "--grpc-port")):
+        if port and (problem := _in_use(config["host"], port, option)):
+            print(f"Error: {problem}", file=sys.stderr, flush=True)
+            return 1
+    fleet = Fleet(config, count)
+    try:
+        stop = lambda sig, frame: (fleet.stopping.set(), fleet.signal(sig))  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        if (error := fleet.start()) is not None:
+            print(f"Error: {error}", file=sys.stderr, flush=True)
+            return 1
+        scheme = "https" if config["options"].get("tls") else "http"
+        host = f"[{config['host']}]" if ":" in config["host"] else config["host"]
+        grpc = config["options"].get("grpc_port")
+        print(f"serving {config['name']} on {scheme}://{host}:{config['port']}"
+              + (f" (gRPC {host}:{grpc})" if grpc else "") + f" with {count} worker processes "
+              f"(pids {', '.join(str(p.pid) for p in fleet.procs)})", file=sys.stderr, flush=True)
+        watchers = [threading.Thread(target=fleet.watch, args=(i,), daemon=True)
+                    for i in range(count)]
+        for w in watchers:
+            w.start()
+        fleet.stopping.wait()
+        for proc in list(fleet.procs):
+            proc.wait()
+        return 0
+    finally:
+        fleet.close()
+
+
+def _in_use(host: str, port: int, option: str) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                what = "gRPC port" if option == "--grpc-port" else "port"
+                return f"{what} {port} is already in use ({host}:{port}); choose another " \
+                       f"with {option}"
+            return f"cannot bind {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def _exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
