@@ -1,8 +1,7 @@
 # The mserve serving image: one model, `mserve serve /mnt/models`, the entrypoint KServe runs.
 #
 #   docker build -t mserve:0.1.0 .                                    # CPU (plain onnxruntime)
-#   docker build --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
-#                --build-arg VARIANT=gpu -t mserve:0.1.0-gpu .        # CUDA 12 + cuDNN 9
+#   docker build --build-arg VARIANT=gpu -t mserve:0.1.0-gpu .     # CUDA + cuDNN as wheels
 #   docker run --rm -p 8080:8080 -v "$PWD/model-dir:/mnt/models:ro" mserve:0.1.0 --name iris
 #
 # (`make image` runs the first with podman, docker or buildah, `make image BASE=... VARIANT=gpu`
@@ -10,7 +9,10 @@
 #   BASE     the one base image both stages start from: any Debian or Ubuntu image; one
 #            without python3 and its venv module (the CUDA images) gets them from apt.
 #            A CPU build names only the CPU base, so nothing else is pulled.
-#   VARIANT  cpu: plain onnxruntime (a wheel ~20 times smaller); gpu: onnxruntime-gpu.
+#   VARIANT  cpu: plain onnxruntime (a wheel ~20 times smaller); gpu: onnxruntime-gpu with
+#            the CUDA and cuDNN wheels it was built for (CUDA 13 for 1.31: its CUDA provider
+#            links libcublas.so.13 and libcudart.so.13), so the base needs no CUDA; the
+#            driver comes from the host (NVIDIA container toolkit, `--gpus all`).
 # No `# syntax=` line: the builder's own Dockerfile frontend is enough, and BuildKit would
 # otherwise fetch one from a registry (no offline builds).
 #

@@ -88,7 +88,7 @@ $(PA_VENV)/bin/perf_analyzer:
 # (CONTAINER=... chooses), tagged $(IMAGE). It pulls only its one base, BASE (default the
 # Dockerfile's python:3.12-slim-bookworm); a BASE already in the local store builds with no
 # registry at all (podman/buildah: IMAGE_ARGS=--pull=never). GPU image:
-#   make image BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 VARIANT=gpu IMAGE=mserve:dev-gpu
+#   make image VARIANT=gpu IMAGE=mserve:dev-gpu   (CUDA and cuDNN come as wheels)
 # Where no registry can be reached at all, `make image-offline` builds the same Dockerfile with
 # $(CONTAINER_IMAGE_TOOL) (podman, on a Debian base made locally with mmdebstrap; root).
 IMAGE ?= mserve:dev

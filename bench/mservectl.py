@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
-BIN = ROOT / ".venv" / "bin"
+BIN = Path(os.environ.get("MSERVE_BIN") or ROOT / ".venv" / "bin")  # another venv's (GPU)
 MSERVE = BIN / "mserve"
 
 

@@ -96,7 +96,8 @@ def canary(traffic) -> tuple[int, int] | None:
 
 
 def uses_gpu(deployment: dict) -> bool:
-    return (deployment.get("options") or {}).get("device") == "cuda" \
+    """Asked for CUDA (``cuda``, ``cuda:N``), or ``auto`` found it."""
+    return str((deployment.get("options") or {}).get("device")).startswith("cuda") \
         or deployment.get("device") == "cuda"
 
 
@@ -105,6 +106,8 @@ def serve_args(name: str, options: dict) -> list[str]:
     args = ["--name", name]
     for key, flag, default in SERVE_FLAGS:
         value = options.get(key)
+        if key == "device" and str(value).startswith("cuda:"):
+            value = "cuda"  # a pod sees the one card it is given, as card 0
         if value is not None and value != default:
             args += [flag, _number(value)]
     return args

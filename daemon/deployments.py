@@ -64,6 +64,8 @@ class Deployments:
             "grpc_url": (f"{url_host(shown_host)}:{d['options']['grpc_port']}"
                          if d["options"].get("grpc_port") else None),
             "host": d["host"], "device": active.get("meta", {}).get("device"),
+            "device_note": next((n for n in active.get("meta", {}).get("notes") or []
+                                 if n.startswith("CUDA not used")), None),
             "batching": active.get("meta", {}).get("batching"),
             "transformer": active.get("transformer"),  # the active version's, or None
             "threads": d["options"].get("threads"),  # None: ONNX Runtime's default

@@ -409,7 +409,8 @@ def test_the_image_requirements_follow_pyproject():
     cpu, gpu = requirements.requirements("cpu"), requirements.requirements("gpu")
     assert not any(r.startswith("onnxruntime-gpu") for r in cpu)
     assert "onnxruntime>=1.18" in cpu and any(r.startswith("pyyaml") for r in cpu)
-    assert any(r.startswith("onnxruntime-gpu") for r in gpu)
+    # The GPU image brings the CUDA and cuDNN libraries the wheel was built for as wheels.
+    assert any(r.startswith("onnxruntime-gpu[cuda,cudnn]>=") for r in gpu), gpu
     assert len(cpu) == len(gpu) - 1
 
 

@@ -13,6 +13,7 @@ from mserve.cli.render import BadUsage, JsonOption, emit_json, say
 from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import MserveError
 from mserve.daemon.paths import check_name
+from mserve.daemon.worker.devices import DEVICE
 from mserve.daemon.plan import MAX_THREADS, THREADS_HELP, WORKERS_HELP, parse_workers
 
 
@@ -23,10 +24,14 @@ def _absolute(path: Path | None) -> str | None:
     return str(path.expanduser().absolute()) if path is not None else None
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+DEVICE_HELP = "auto (CUDA if usable, else the CPU), cpu, cuda or cuda:N (card N)."
+
+
+def check_device(device: str | None) -> str | None:
+    """``--device``: auto, cpu, cuda or cuda:N; bad usage (exit 2) otherwise."""
+    if device is not None and DEVICE.fullmatch(device) is None:
+        raise BadUsage(f"--device must be {DEVICE_HELP[:-1]}, got {device!r}")
+    return device
 
 
 class Batching(str, Enum):
@@ -59,8 +64,8 @@ def deploy(
         min=1, max=65535, help="gRPC port for a new deployment (default: a free one).")] = None,
     host: Annotated[Optional[str], typer.Option(
         help="Address to bind (default 127.0.0.1).")] = None,
-    device: Annotated[Optional[Device], typer.Option(
-        help="auto tries CUDA and falls back to the CPU.")] = None,
+    device: Annotated[Optional[str], typer.Option(metavar="auto|cpu|cuda[:N]",
+                                                  help=DEVICE_HELP)] = None,
     max_batch_size: Annotated[Optional[int], typer.Option(
         min=1, help="Most rows per model run when batching concurrent requests (default 64; "
                     "1 turns batching off).")] = None,
@@ -126,7 +131,7 @@ def deploy(
                "transformer": _absolute(transformer),
                "grpc_port": grpc_port, "canary": canary, "sticky_header": sticky_header,
                "keep": keep, "log_payloads": log_payloads,
-               "host": host, "device": device.value if device else None,
+               "host": host, "device": check_device(device),
                "max_batch_size": max_batch_size, "batch_delay_ms": batch_delay_ms,
                "max_queue": max_queue, "max_body_mb": max_body_mb, "instances": instances,
                "threads": threads, "workers": count,

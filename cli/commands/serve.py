@@ -17,8 +17,8 @@ from typing import Annotated, Optional
 import typer
 
 from mserve.cli import tokens
-from mserve.cli.commands.deploy import (BATCHING_HELP, LOOPBACK, Batching, Device,
-                                        TransformerOption)
+from mserve.cli.commands.deploy import (BATCHING_HELP, DEVICE_HELP, LOOPBACK, Batching,
+                                        TransformerOption, check_device)
 from mserve.cli.render import BadUsage
 from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import BadRequest
@@ -43,8 +43,8 @@ def serve(
         "--name", "-n", help="Model name in the protocol's paths (default: the file's stem, "
                              "or the folder's name).")] = None,
     transformer: TransformerOption = None,
-    device: Annotated[Device, typer.Option(
-        help="auto tries CUDA and falls back to the CPU.")] = Device.auto,
+    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda[:N]",
+                                        help=DEVICE_HELP)] = "auto",
     max_batch_size: Annotated[Optional[int], typer.Option(
         min=1, help="Most rows per model run when batching concurrent requests (default 64; "
                     "1 turns batching off).")] = None,
@@ -102,7 +102,7 @@ def serve(
     if host not in LOOPBACK and not token:
         sys.stderr.write(f"Warning: serving on {host} without --token: anyone who can reach "
                          "this port can use the model\n")
-    options = {"device": device.value, "max_batch_size": max_batch_size,
+    options = {"device": check_device(device), "max_batch_size": max_batch_size,
                "batch_delay_ms": batch_delay_ms, "max_queue": max_queue,
                "max_body_mb": max_body_mb, "instances": instances, "threads": threads,
                "batching": batching.value, "grpc_port": grpc_port or None}

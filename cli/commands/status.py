@@ -26,6 +26,7 @@ def status(
     options = ", ".join(f"{k}={v}" for k, v in d["options"].items() if v is not None)
     say(f"{d['name']}: version {d['version']} {d['status']} at {d['url']} ({d['device']})")
     for label, value in [
+        *([("device", d["device_note"])] if d.get("device_note") else []),
         ("loaded", ", ".join(str(n) for n in d["loaded"]) or "-"),
         ("worker", _worker_text(d, memory)),
         ("last minute", f"{requests} requests, errors {errors}, p50 {p50}, p99 {p99}"),

@@ -27,6 +27,8 @@ LARGEST = {
     "mserve_process_max_fds",  # the fd limit, inherited alike by every worker
     "mserve_model_load_seconds",  # each process loads each version itself: the slowest load
     "mserve_deployment_info",  # 1 in every process, labelled with the one deployment
+    "mserve_gpu_utilization_ratio",  # the card's, seen alike by every process on it
+    "mserve_gpu_memory_total_bytes",  # the card's size
 }
 
 

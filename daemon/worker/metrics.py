@@ -45,6 +45,7 @@ class Metrics:
                           ["deployment"], registry=registry)
         self.info.labels(deployment).set(1)
         self._keys: dict[tuple[str, int], tuple[str, str, str]] = {}
+        self._gpu = None  # gpumetrics.GpuCollector, once a version runs on a card
 
     def version(self, version: str) -> RunMetrics:
         """The run-side figures of one version (what its batcher updates)."""
@@ -90,6 +91,18 @@ class Metrics:
         self.refusals[key] = self.refusals.get(key, 0) + 1
         if inference:
             self.observe_request("", 503, 0.0)
+
+    def on_gpu(self, card: int) -> None:
+        """A version loaded on CUDA card ``card``: /metrics shows the cards' figures from
+        now on (gpumetrics.py), where NVML can be had."""
+        if self._gpu is None:
+            from mserve.daemon.worker import gpumetrics
+
+            if (nvml := gpumetrics.nvml()) is None:
+                return
+            self._gpu = gpumetrics.GpuCollector(nvml, set())
+            self.registry.register(self._gpu)
+        self._gpu.cards.add(card)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

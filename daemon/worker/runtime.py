@@ -16,13 +16,11 @@ import numpy as np
 import orjson
 
 from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
-from mserve.daemon.worker import batchcheck, graphscan, stringlocale, transformer
+from mserve.daemon.worker import batchcheck, devices, graphscan, stringlocale, transformer
 from mserve.daemon.worker.codecs import DTYPES, ORT_TYPES, TensorSpec
 from mserve.daemon.worker.tensors import SLICE_ELEMENTS, pause
 
-CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda")
-_cuda_failed = False  # set once CUDA could not be used in this process: skip retrying it
+_cuda_failed: str | None = None  # why CUDA could not be used in this process: not retried
 
 
 def _ort():
@@ -48,6 +46,7 @@ class LoadedModel:
     size_bound: bool = False  # run time depends on input sizes only (graphscan.size_bound)
     batching: batchcheck.Decision = batchcheck.Decision(False, "not checked yet")
     notes: list[str] = field(default_factory=list)  # what loading had to work around
+    card: int | None = None  # the CUDA card it runs on
     warm_cost: float | None = None  # seconds per input element of a warm run (batcher.py)
     fill: int = 1  # the size given to dynamic dims other than dim 0 in warm-up and checks
     # With a transformer: ``inputs``/``outputs`` are what requests see (its own signature,
@@ -67,6 +66,7 @@ class LoadedModel:
             "inputs": [s.to_json() for s in self.inputs],
             "outputs": [s.to_json() for s in self.outputs],
             "device": self.device,
+            "card": self.card,
             "providers": self.providers,
             "batchable": self.batchable,
             "batching": self.batching.to_json(),
@@ -97,12 +97,12 @@ def load(number: int, path: str, device: str = "auto", instances: int = 1,
     """Load ``path`` on ``device``, warm it up and decide whether it batches, then load its
     ``transformer`` script and run the pipeline once; raise DeployFailed with a plain
     reason (the script's own words for a script's failure)."""
-    if device not in DEVICES:
-        raise DeployFailed(f"unknown device {device!r}: use auto, cpu or cuda")
+    devices.parse(device)
     if batching not in batchcheck.MODES:
         raise DeployFailed(f"unknown batching mode {batching!r}: use auto, on or off")
     start = time.perf_counter()
     first, source, notes = _first_session(path, device, threads)
+    notes = notes + cuda_note(device)
     sessions = [first] + [_session(source, device, threads) for _ in range(1, instances)]
     providers = list(first.get_providers())
     ops = graphscan.read_operators(path)
@@ -110,10 +110,13 @@ def load(number: int, path: str, device: str = "auto", instances: int = 1,
         number=number, path=path, sessions=sessions,
         inputs=[_spec(a) for a in first.get_inputs()],
         outputs=[_spec(a) for a in first.get_outputs()],
-        device="cuda" if CUDA in providers else "cpu", providers=providers, load_ms=0.0,
+        device="cuda" if devices.CUDA in providers else "cpu", providers=providers,
+        load_ms=0.0,
         json_outputs=frozenset(a.name for a in first.get_outputs() if _is_map(a.type)),
         size_bound=graphscan.is_size_bound(ops), notes=notes,
     )
+    if model.device == "cuda":
+        model.card = devices.parse(device)[1]
     warm_up(model)
     model.batching = _decide_batching(model, first, batching, ops)
     model.warm_cost = _warm_cost(model)
@@ -186,24 +189,34 @@ def _session(path: str | bytes, device: str, threads: int):
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    want_cuda = device == "cuda" or (device == "auto" and not _cuda_failed
-                                     and CUDA in ort.get_available_providers())
-    providers = [CUDA, CPU] if want_cuda else [CPU]
+    kind, card = devices.parse(device)
+    want_cuda = kind == "cuda" or (kind == "auto" and _cuda_failed is None
+                                   and devices.CUDA in ort.get_available_providers())
     if want_cuda:
+        devices.preload(ort)
         # Missing CUDA libraries make ORT print errors before falling back; keep them quiet.
         ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(path, options, providers=providers)
+        session = ort.InferenceSession(path, options,
+                                       providers=devices.providers(
+                                           kind if want_cuda else "cpu", card))
     except Exception as exc:
         raise DeployFailed(_load_error(exc, path)) from None
     finally:
         ort.set_default_logger_severity(3)
-    if want_cuda and CUDA not in session.get_providers():
-        _cuda_failed = True
-        if device == "cuda":
-            raise DeployFailed("device 'cuda' was asked for but CUDA is not usable on this "
-                               "machine (no GPU or CUDA libraries); use --device auto or cpu")
+    if want_cuda and devices.CUDA not in session.get_providers():
+        _cuda_failed = devices.why_not_cuda(ort)
+        if kind == "cuda":
+            raise DeployFailed(f"device '{device}' was asked for but CUDA cannot be used: "
+                               f"{_cuda_failed}; use --device auto or cpu")
     return session
+
+
+def cuda_note(device: str) -> list[str]:
+    """What ``auto`` fell back from, for status (empty when it did not)."""
+    if _cuda_failed is None or devices.parse(device)[0] != "auto":
+        return []
+    return [f"CUDA not used ({_cuda_failed}): running on the CPU"]
 
 
 def _load_error(exc: Exception, path: str | bytes) -> str:

@@ -70,6 +70,8 @@ class Serving:
             batch_delay_ms=self.options.get("batch_delay_ms"),
             max_queue=self.options.get("max_queue"))
         self.metrics.loaded(str(model.number), model.load_ms / 1000)
+        if model.card is not None:
+            self.metrics.on_gpu(model.card)
         settle_heap()
 
     def activate(self, number: int, keep: list[int]) -> None:
