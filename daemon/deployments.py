@@ -64,6 +64,8 @@ class Deployments:
             "grpc_url": (f"{url_host(shown_host)}:{d['options']['grpc_port']}"
                          if d["options"].get("grpc_port") else None),
             "host": d["host"], "device": active.get("meta", {}).get("device"),
+            "card": active.get("meta", {}).get("card"),  # the CUDA card, or None
+            "providers": active.get("meta", {}).get("providers"),  # the session's real ones
             "device_note": next((n for n in active.get("meta", {}).get("notes") or []
                                  if n.startswith("CUDA not used")), None),
             "batching": active.get("meta", {}).get("batching"),

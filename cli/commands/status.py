@@ -24,7 +24,8 @@ def status(
         return
     requests, errors, p50, p99, memory = live_columns(d["live"])
     options = ", ".join(f"{k}={v}" for k, v in d["options"].items() if v is not None)
-    say(f"{d['name']}: version {d['version']} {d['status']} at {d['url']} ({d['device']})")
+    device = d["device"] if d.get("card") is None else f"{d['device']}:{d['card']}"
+    say(f"{d['name']}: version {d['version']} {d['status']} at {d['url']} ({device})")
     for label, value in [
         *([("device", d["device_note"])] if d.get("device_note") else []),
         ("loaded", ", ".join(str(n) for n in d["loaded"]) or "-"),
