@@ -6,13 +6,16 @@ at c=1 and c=32, in interleaved rounds (3 by default): mserve (`deploy model.onn
 postprocess takes the top five) and the same pipeline as a FastAPI app (bench/recs_fastapi.py,
 bench/.venv). Each answer is checked against the other's first. The time mserve spends in
 user code per request comes from its own histograms (mserve_request_preprocess_seconds,
-..._postprocess_seconds); the mean batch from mserve_batch_size. A KServe Transformer +
-predictor pair is not measured (see docs/benchmarks.md). Prints a Markdown table.
+..._postprocess_seconds); the mean batch from mserve_batch_size. Where kserve installs in
+bench/.venv, the same pipeline as KServe deploys one is measured too: a Transformer
+(bench/recs_kserve.py) in front of a predictor (bench/kserve_server.py), two ModelServer
+processes talking REST v2. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -69,16 +72,18 @@ def main(argv: list[str]) -> int:
                           "--transformer", str(EXAMPLE / "recs.py"))
         ours = d["deployment"]["url"]
         (WORK / "logs").mkdir(exist_ok=True)
-        with servers.Server("recs_fastapi.py", EXAMPLE, "recs", "/v2/health/ready",
-                            WORK / "logs") as fastapi:
-            theirs = fastapi.url
-            a, b = answer(f"{ours}/v2/models/recs/infer"), answer(f"{theirs}/v2/models/recs/infer")
-            if a["product_ids"] != b["product_ids"] or any(
-                    abs(x - y) > 1e-5 * max(1.0, abs(y)) for x, y in zip(a["scores"], b["scores"])):
-                raise SystemExit(f"the two pipelines answer differently: {a} vs {b}")
+        with contextlib.ExitStack() as stack:
+            urls = {"mserve": ours, **start_others(stack)}
+            a = answer(f"{ours}/v2/models/recs/infer")
+            for who, url in urls.items():
+                b = answer(f"{url}/v2/models/recs/infer")
+                if a["product_ids"] != b["product_ids"] or any(
+                        abs(x - y) > 1e-5 * max(1.0, abs(y))
+                        for x, y in zip(a["scores"], b["scores"])):
+                    raise SystemExit(f"{who} answers differently from mserve: {b} vs {a}")
             for _ in range(args.rounds):
                 for conc in (1, 32):
-                    for who, url in (("mserve", ours), ("fastapi", theirs)):
+                    for who, url in urls.items():
                         before = sums(f"{ours}/metrics") if who == "mserve" else {}
                         target = f"{url}/v2/models/recs/infer"
                         loadgen.run_wrk(wrk, target, Body(body, "application/json"), conc, 1)
@@ -92,10 +97,31 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def start_others(stack: contextlib.ExitStack) -> dict[str, str]:
+    """The FastAPI app, and the KServe Transformer in front of its predictor (two
+    ModelServers) where kserve installed in bench/.venv: name -> base URL."""
+    logs = WORK / "logs"
+    fastapi = stack.enter_context(servers.Server("recs_fastapi.py", EXAMPLE, "recs",
+                                                 "/v2/health/ready", logs))
+    urls = {"fastapi": fastapi.url}
+    if servers.ensure_venv().kserve_error:
+        print("KServe Transformer + predictor: not measured, kserve did not install in "
+              "bench/.venv")
+        return urls
+    predictor = stack.enter_context(servers.Server("kserve_server.py", EXAMPLE / "model.onnx",
+                                                   "recs", "/v2/models/{name}/ready", logs))
+    transformer = servers.Server("recs_kserve.py", EXAMPLE, "recs", "/v2/models/{name}/ready",
+                                 logs)
+    transformer.cmd.append(f"127.0.0.1:{predictor.port}")
+    urls["kserve"] = stack.enter_context(transformer).url
+    return urls
+
+
 def table(results) -> str:
     lines = ["| pipeline | c | req/s (min–med–max) | p50 | p99 | in user code per request¹ | "
              "mean batch | errors |", "|---|---:|---|---:|---:|---:|---:|---:|"]
-    for (who, conc), runs in sorted(results.items(), key=lambda i: (i[0][1], i[0][0] != "mserve")):
+    order = {"mserve": 0, "fastapi": 1, "kserve": 2}
+    for (who, conc), runs in sorted(results.items(), key=lambda i: (i[0][1], order[i[0][0]])):
         rps = [r.rps for r, _, _ in runs]
         p50 = statistics.median(r.p50_ms for r, _, _ in runs)
         p99 = statistics.median(r.p99_ms for r, _, _ in runs)
@@ -110,7 +136,8 @@ def table(results) -> str:
                 user = f"{spent * 1e6:,.0f} µs"
             if delta.get("mserve_batch_size_count"):
                 batch = f"{delta['mserve_batch_size_sum'] / delta['mserve_batch_size_count']:.2f}"
-        name = "mserve `--transformer recs.py`" if who == "mserve" else "FastAPI app (same code)"
+        name = {"mserve": "mserve `--transformer recs.py`", "fastapi": "FastAPI app (same code)",
+                "kserve": "KServe Transformer + predictor (2 ModelServers)"}[who]
         lines.append(f"| {name} | {conc} | {min(rps):,.0f}–{statistics.median(rps):,.0f}–"
                      f"{max(rps):,.0f} | {p50:.3g} ms | {p99:.3g} ms | {user} | {batch} | "
                      f"{errors} |")
