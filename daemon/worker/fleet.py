@@ -100,9 +100,12 @@ class Fleet:
                   f"starting it again in {delay:g} s", file=sys.stderr, flush=True)
             if self.stopping.wait(delay):
                 return
+            proc, event = self.spawn(index)
             with self.lock:
-                proc, event = self.spawn(index)
                 self.procs[index] = proc
+            if self.stopping.is_set():  # stopped while it started: it stops too
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
             started = time.monotonic()
             if event.get("event") != "ready":
                 print(f"worker {index} did not start again: {event.get('error')}",
@@ -127,6 +130,8 @@ def serve_many(config: dict, count: int) -> int:
         if (error := fleet.start()) is not None:
             print(f"Error: {error}", file=sys.stderr, flush=True)
             return 1
+        if fleet.stopping.is_set():  # a signal came while they started: pass it on now
+            fleet.signal(signal.SIGTERM)
         scheme = "https" if config["options"].get("tls") else "http"
         host = f"[{config['host']}]" if ":" in config["host"] else config["host"]
         grpc = config["options"].get("grpc_port")
