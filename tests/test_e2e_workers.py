@@ -215,3 +215,38 @@ def test_the_count_follows_a_redeploy_of_the_same_bytes(mserve, affine_v1):
 def test_a_bad_count_is_bad_usage(mserve, affine_v1, value):
     error = mserve.fail("deploy", affine_v1, "--name", "bad", "--workers", value, code=2)
     assert "--workers must be auto or a whole number from 1 to 256" in error, error
+
+
+def test_splits_labels_and_tokens_reach_every_process(mserve, affine_v1, tmp_path):
+    """A canary's split, a label and a token set on a deployment of two processes hold on
+    every connection, whichever process the kernel gives it."""
+    d = mserve.json("deploy", affine_v1, "--name", "rules", "--workers", "2",
+                    "--token", "s3cret")["deployment"]
+    mserve.json("deploy", models.affine(tmp_path / "v2.onnx", scale=2.0), "--name", "rules",
+                "--canary", "50")
+    mserve.json("label", "rules", "stable", "1")
+    seen: Counter = Counter()
+    for _ in range(80):
+        conn = http.client.HTTPConnection("127.0.0.1", d["port"], timeout=10)
+        conn.request("POST", "/v2/models/rules/infer", BODY, {"Authorization": "Bearer s3cret"})
+        response = conn.getresponse()
+        response.read()
+        seen[(response.status, response.getheader("X-Model-Version"))] += 1
+        conn.close()
+        assert fresh_infer(d["port"], "rules")[0] == 401  # no token: refused by either
+        conn = http.client.HTTPConnection("127.0.0.1", d["port"], timeout=10)
+        conn.request("POST", "/v2/models/rules/labels/stable/infer", BODY,
+                     {"Authorization": "Bearer s3cret"})
+        response = conn.getresponse()
+        response.read()
+        assert (response.status, response.getheader("X-Model-Version")) == (200, "1")
+        conn.close()
+    assert set(seen) == {(200, "1"), (200, "2")} and min(seen.values()) > 15, seen
+    mserve.json("deploy", affine_v1, "--name", "rules", "--token", "n3w")  # a new token
+    for _ in range(40):
+        for token, status in (("s3cret", 401), ("n3w", 200)):
+            conn = http.client.HTTPConnection("127.0.0.1", d["port"], timeout=10)
+            conn.request("POST", "/v2/models/rules/labels/stable/infer", BODY,
+                         {"Authorization": f"Bearer {token}"})
+            assert conn.getresponse().status == status, token
+            conn.close()
