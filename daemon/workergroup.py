@@ -92,6 +92,8 @@ class WorkerGroup:
         for worker, reply in zip(targets, replies):
             if isinstance(reply, Unavailable) and worker.pid is None:
                 continue  # it died meanwhile: the supervisor restarts it from the state
+            if isinstance(reply, Exception) and op == "stats":
+                continue  # figures: a stuck process is left out, the health check acts
             if isinstance(reply, BaseException):
                 raise reply
             answered.append(reply)
