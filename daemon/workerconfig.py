@@ -4,14 +4,12 @@ secret, where to report), its ports, its TLS files, and the daemon's time limits
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import secrets
 import socket
-import time
 from pathlib import Path
 
-from mserve.daemon import workerrecord
+from mserve.daemon import ports, workerrecord
 from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
 from mserve.daemon.paths import Paths, ensure_private_dir
 from mserve.daemon.state import State
@@ -81,27 +79,10 @@ async def claim_ports(configs: list[dict]) -> list[dict]:
     first = configs[0]
     for port, option in ((first["port"], "--port"), (first["options"].get("grpc_port"),
                                                      "--grpc-port")):
-        if port:
-            await asyncio.to_thread(_prove_free, first["host"], port, first["bind_retry_s"],
-                                    option)
+        if port and (problem := await asyncio.to_thread(
+                ports.prove_free, first["host"], port, first["bind_retry_s"], option)):
+            raise DeployFailed(problem)
     return [{**config, "join": True} for config in configs]
-
-
-def _prove_free(host: str, port: int, retry_s: float, option: str) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    deadline = time.monotonic() + retry_s
-    while True:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind((host, port))
-                return
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                    what = "gRPC port" if option == "--grpc-port" else "port"
-                    raise DeployFailed(f"{what} {port} is already in use ({host}:{port}); "
-                                       f"choose another with {option}") from None
-        time.sleep(0.1)
 
 
 def peer_sockets(paths: Paths, d: dict) -> list[str]:

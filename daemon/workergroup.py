@@ -47,15 +47,10 @@ class WorkerGroup:
     @property
     def status(self) -> str:
         """``ready`` while any process serves (the others are restarting), else the worst."""
-        states = [w.status for w in self.replicas]
-        if not states:
-            return LOADING
-        if READY in states and any(w.pid is not None for w in self.serving()):
+        if self.serving():
             return READY
-        for state in (FAILED, LOADING, STOPPED):
-            if state in states:
-                return state
-        return states[0]
+        states = {w.status for w in self.replicas}
+        return next((s for s in (FAILED, LOADING, STOPPED) if s in states), LOADING)
 
     @property
     def error(self) -> str | None:

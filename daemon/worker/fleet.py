@@ -12,18 +12,18 @@ which each run their grace and drain as a lone ``serve`` does; the command exits
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+from mserve.daemon import ports
 
 BACKOFF_MAX_S = 30.0
 
@@ -119,7 +119,7 @@ def serve_many(config: dict, count: int) -> int:
     """Serve ``config`` (a standalone worker's) with ``count`` processes; the exit code."""
     for port, option in ((config["port"], "--port"),
                          (config["options"].get("grpc_port"), "--grpc-port")):
-        if port and (problem := _in_use(config["host"], port, option)):
+        if port and (problem := ports.prove_free(config["host"], port, 0, option)):
             print(f"Error: {problem}", file=sys.stderr, flush=True)
             return 1
     fleet = Fleet(config, count)
@@ -148,21 +148,6 @@ def serve_many(config: dict, count: int) -> int:
         return 0
     finally:
         fleet.close()
-
-
-def _in_use(host: str, port: int, option: str) -> str | None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                what = "gRPC port" if option == "--grpc-port" else "port"
-                return f"{what} {port} is already in use ({host}:{port}); choose another " \
-                       f"with {option}"
-            return f"cannot bind {host}:{port}: {exc.strerror or exc}"
-    return None
 
 
 def _exit(code: int) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ import sys
 import threading
 import time
 
-from mserve.daemon import faults
+from mserve.daemon import faults, ports
 from mserve.daemon.errors import MserveError
 from mserve.daemon.fdlimit import raise_fd_limit
 from mserve.daemon.worker import runtime
@@ -106,42 +105,6 @@ class Console:
             print(self.ready_line, file=sys.stderr, flush=True)
         elif message.get("event") == "failed":
             print(f"Error: {message['error']}", file=sys.stderr, flush=True)
-
-
-def bind(host: str, port: int, retry_seconds: float, listen: bool = True,
-         join: bool = False) -> socket.socket:
-    """Bind the deployment's port ourselves, retrying a while if a previous worker still holds
-    it (a restart after a crash); a port held by anything else is a clean error. Without
-    ``listen`` it only proves the port free (the gRPC port, which the gRPC server binds).
-
-    The socket has SO_REUSEPORT, so the deployment's other processes (``--workers``) can
-    bind the port too. Linux lets only the same user share it, and the port is first proven
-    free without the option (a stray server of ours would otherwise share it unnoticed),
-    unless ``join``: the siblings hold it already."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    deadline = time.monotonic() + retry_seconds
-    while True:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            if not join:
-                sock.bind((host, port))  # free: nothing listens, not even one of ours
-                sock.close()
-                if not listen:
-                    return sock
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            if listen:
-                sock.listen(2048)
-            sock.set_inheritable(False)
-            return sock
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
-                raise
-            time.sleep(0.1)
 
 
 def load_versions(config: dict) -> tuple[list, int]:
@@ -277,19 +240,20 @@ def main(argv: list[str]) -> int:
 def _start_and_serve(config: dict, channel, deadline: StartDeadline, record: Record | None
                      ) -> int:
     try:
-        sock = bind(config["host"], config["port"], config.get("bind_retry_s", 5.0),
-                    join=bool(config.get("join")))
+        sock = ports.bind(config["host"], config["port"], config.get("bind_retry_s", 5.0),
+                          join=bool(config.get("join")))
     except OSError as exc:
-        channel.send({"event": "failed", "error": _bind_error(exc, config)})
+        channel.send({"event": "failed",
+                      "error": ports.bind_error(exc, config["host"], config["port"])})
         return EXIT_BIND
     if grpc_port := config["options"].get("grpc_port"):
         try:
-            bind(config["host"], grpc_port, config.get("bind_retry_s", 5.0), listen=False,
-                 join=bool(config.get("join"))).close()
+            ports.bind(config["host"], grpc_port, config.get("bind_retry_s", 5.0),
+                       listen=False, join=bool(config.get("join"))).close()
         except OSError as exc:
             sock.close()
-            channel.send({"event": "failed",
-                          "error": _bind_error(exc, config, grpc_port, "--grpc-port")})
+            channel.send({"event": "failed", "error": ports.bind_error(
+                exc, config["host"], grpc_port, "--grpc-port")})
             return EXIT_BIND
     if record is not None:  # only once the ports are ours: never over a live worker's record
         record.write(ready=False)
@@ -313,15 +277,3 @@ def _start_and_serve(config: dict, channel, deadline: StartDeadline, record: Rec
 
         runner = uvloop.run
     return runner(serve(serving, loaded, sock, channel, config, tls, record)) or 0
-
-
-def _bind_error(exc: OSError, config: dict, port: int | None = None,
-                option: str = "--port") -> str:
-    port = port or config["port"]
-    where = f"{config['host']}:{port}"
-    if exc.errno == errno.EADDRINUSE:
-        what = "gRPC port" if option == "--grpc-port" else "port"
-        return f"{what} {port} is already in use ({where}); choose another with {option}"
-    if exc.errno == errno.EACCES:
-        return f"no permission to bind {where} (ports below 1024 need privileges)"
-    return f"cannot bind {where}: {exc.strerror or exc}"
