@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 from mserve.daemon import workerrecord
 from mserve.daemon.errors import MserveError
-from mserve.daemon.supervisor import wait_gone
 from mserve.daemon.workergroup import worker_count
+from mserve.daemon.workerprocess import wait_gone
 
 if TYPE_CHECKING:
     from mserve.daemon.deployments import Deployments

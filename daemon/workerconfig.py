@@ -51,7 +51,7 @@ def worker_config(paths: Paths, store: Store, d: dict, versions: list[tuple[dict
         "control_socket": str(control), "secret": secrets.token_hex(16),
         "record": str(workerrecord.record_path(paths, name, replica)),
         "replica": replica, "join": join, "peers": peer_sockets(paths, d),
-        "peer_secret": peer_secret,
+        "peer_secret": peer_secret, "handoff_socket": handoff_socket(paths, d, replica),
         "log_path": str(paths.worker_log(name)), "daemon_socket": str(paths.socket),
         "daemon_log": str(paths.daemon_log), "respawn_daemon": respawn_daemon(),
         "start_timeout_s": load_timeout() * 1.25 + 2,
@@ -90,6 +90,14 @@ def peer_sockets(paths: Paths, d: dict) -> list[str]:
     count = worker_count(d["options"].get("workers"))
     return [str(workerrecord.socket_path(paths, d["name"], i, "p")) for i in range(count)] \
         if count > 1 else []
+
+
+def handoff_socket(paths: Paths, d: dict, replica: int) -> str | None:
+    """Where process ``replica`` of ``d`` takes a dead sibling's connections (handoff.py);
+    None for a single process."""
+    if worker_count(d["options"].get("workers")) < 2:
+        return None
+    return str(workerrecord.socket_path(paths, d["name"], replica, "h"))
 
 
 def used_ports(state: State) -> set[int]:

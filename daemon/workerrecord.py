@@ -40,8 +40,9 @@ def split_stem(stem: str) -> tuple[str, int]:
 
 def socket_path(paths: Paths, name: str, replica: int = 0, kind: str = "w") -> Path:
     """A worker's private socket (``kind`` w: its control socket, p: where its sibling
-    processes ask it for its figures): next to the daemon's when that fits a socket address,
-    else in a private folder under /tmp named after the home."""
+    processes ask it for its figures, h: where it takes a dead sibling's connections): next
+    to the daemon's when that fits a socket address, else in a private folder under /tmp
+    named after the home."""
     short = f"{kind}-" + hashlib.sha256(name.encode()).hexdigest()[:12] + \
         (f"-{replica}" if replica else "") + ".sock"
     wanted = paths.socket.parent / short

@@ -10,12 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import _alive, wait_for
 from tests.test_e2e_serve import Served, free_ports
+from tests.test_e2e_workers import queued_then_killed
 
 pytestmark = pytest.mark.e2e
 BODY = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
@@ -86,6 +88,18 @@ def test_serve_with_two_workers(tmp_path, affine_v1):
         served.proc.send_signal(signal.SIGTERM)
         assert served.proc.wait(timeout=60) == 0
         wait_for(lambda: not any(_alive(pid) for pid in now), what="the workers to exit")
+    finally:
+        served.stop()
+
+
+def test_a_killed_workers_waiting_connections_are_served_by_the_other(tmp_path, affine_v1):
+    served, port = fleet(tmp_path, affine_v1)
+    try:
+        victim = children(served.proc.pid)[1]
+        outcomes = queued_then_killed(port, "affine", victim)
+        assert outcomes == Counter({(200, "1"): 24}), outcomes
+        wait_for(lambda: len(children(served.proc.pid)) == 2 and victim not in
+                 children(served.proc.pid), timeout=30, what="the worker to come back")
     finally:
         served.stop()
 

@@ -156,6 +156,55 @@ def test_a_load_refused_by_one_process_leaves_all_on_the_old_version(mserve, aff
     assert after["version"] == 1 and after["pids"] == d["pids"]
 
 
+def queued_then_killed(port: int, name: str, victim: int, count: int = 24) -> Counter:
+    """Stop ``victim`` (one of the processes on ``port``), open ``count`` fresh connections
+    (the kernel completes the handshake for a stopped process too, so about half wait in its
+    queue), send a request on each, kill it; each request's outcome."""
+    os.kill(victim, signal.SIGSTOP)
+    connected = threading.Semaphore(0)
+    outcomes: Counter = Counter()
+
+    def one() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.connect()
+            connected.release()
+            conn.request("POST", f"/v2/models/{name}/infer", BODY,
+                         {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            outcomes[(response.status, response.getheader("X-Model-Version"))] += 1
+        except OSError as exc:
+            outcomes[type(exc).__name__] += 1
+        finally:
+            conn.close()
+
+    clients = [threading.Thread(target=one, daemon=True) for _ in range(count)]
+    for client in clients:
+        client.start()
+    for _ in clients:
+        assert connected.acquire(timeout=10)
+    os.kill(victim, signal.SIGKILL)
+    for client in clients:
+        client.join(timeout=40)
+    return outcomes
+
+
+def test_connections_a_killed_process_had_not_read_are_served_by_its_sibling(mserve, affine_v1):
+    """They were reset with it (10 of 24 measured); now the daemon hands them to the other."""
+    d = mserve.json("deploy", affine_v1, "--name", "queue", "--workers", "2")["deployment"]
+    survivor, victim = d["pids"]
+    outcomes = queued_then_killed(d["port"], "queue", victim)
+    assert outcomes == Counter({(200, "1"): 24}), outcomes
+    back = wait_for(lambda: (x := mserve.deployment("queue"))["status"] == "ready"
+                    and victim not in x["pids"] and None not in x["pids"] and x,
+                    timeout=30, what="the killed process to come back")
+    assert back["pids"][0] == survivor
+    for _ in range(40):  # and its replacement holds its share of the port again
+        assert fresh_infer(d["port"], "queue")[0] == 200
+    assert all(p["requests_1m"] > 0 for p in live(mserve, "queue")["processes"])
+
+
 def test_a_killed_process_comes_back_alone_while_the_other_serves(mserve, affine_v1):
     d = mserve.json("deploy", affine_v1, "--name", "kill", "--workers", "2")["deployment"]
     survivor, victim = d["pids"]

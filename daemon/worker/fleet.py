@@ -4,7 +4,9 @@ The foreground process proves the ports free, starts N standalone workers that s
 (SO_REUSEPORT; each with its own sessions and batcher; they ask each other for their figures
 as a daemon's workers do, over private sockets in a temporary 0700 folder), says once that it
 serves, and supervises: a worker that exits is started again alone (0.25 s, doubling to 30 s
-while it keeps dying), the others serving meanwhile. SIGTERM and SIGINT go to every worker,
+while it keeps dying), the others serving meanwhile. Each worker serves on a listening socket
+this process binds and keeps a copy of, so the connections a killed worker never accepted go
+to the others (daemon/handoff.py) instead of being reset. SIGTERM and SIGINT go to every worker,
 which each run their grace and drain as a lone ``serve`` does; the command exits when all have
 (0, or 1 when the start failed). Each worker's config travels on its stdin, never in argv.
 """
@@ -23,7 +25,7 @@ import tempfile
 import threading
 import time
 
-from mserve.daemon import ports
+from mserve.daemon import handoff, ports
 
 BACKOFF_MAX_S = 30.0
 
@@ -33,6 +35,9 @@ class Fleet:
         self.config, self.count = config, count
         self.folder = tempfile.mkdtemp(prefix="mserve-serve-")  # 0700
         self.peers = [os.path.join(self.folder, f"p-{i}.sock") for i in range(count)]
+        self.handoffs = [os.path.join(self.folder, f"h-{i}.sock") for i in range(count)]
+        # our copy of each worker's listening socket: a killed one's queue is not lost
+        self.listeners: list = [None] * count
         self.secret = secrets.token_hex(16)
         self.procs: list[subprocess.Popen | None] = [None] * count
         self.stopping = threading.Event()
@@ -40,14 +45,20 @@ class Fleet:
 
     def child_config(self, index: int) -> dict:
         return {**self.config, "replica": index, "join": True, "peers": self.peers,
-                "peer_secret": self.secret, "report_events": True, "parent_pid": os.getpid()}
+                "peer_secret": self.secret, "report_events": True, "parent_pid": os.getpid(),
+                "handoff_socket": self.handoffs[index]}
 
     def spawn(self, index: int) -> tuple[subprocess.Popen, dict]:
         """Start worker ``index``; it and its start-up event (ready or failed)."""
+        config = self.child_config(index)
+        self.listeners[index] = handoff.hold(config["host"], config["port"], f"worker {index}")
+        if self.listeners[index] is not None:
+            config["listen_fd"] = self.listeners[index].fileno()
         proc = subprocess.Popen([sys.executable, "-m", "mserve.daemon.worker",
                                  self.config["name"]], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE)
-        proc.stdin.write((json.dumps(self.child_config(index)) + "\n").encode())
+                                stdout=subprocess.PIPE,
+                                pass_fds=[config["listen_fd"]] if "listen_fd" in config else [])
+        proc.stdin.write((json.dumps(config) + "\n").encode())
         proc.stdin.close()
         event = {"event": "failed", "error": f"worker {index} exited during start-up"}
         for line in proc.stdout:
@@ -75,10 +86,27 @@ class Fleet:
         self.procs = [proc for proc, _ in results]
         error = next((e["error"] for _, e in results if e.get("event") != "ready"), None)
         if error is not None:
+            self.release()
             self.signal(signal.SIGKILL)
             for proc in self.procs:
                 proc.wait()
         return error
+
+    def hand_over(self, index: int) -> None:
+        """Worker ``index`` died: the connections waiting in its socket go to the others."""
+        with self.lock:
+            listener, self.listeners[index] = self.listeners[index], None
+            alive = [i for i, p in enumerate(self.procs) if i != index and p is not None
+                     and p.poll() is None]
+        if listener is not None:
+            handoff.hand_over(listener, [self.handoffs[i] for i in alive])
+
+    def release(self) -> None:
+        """Close our copies of the listening sockets (stopping: the port closes with them)."""
+        listeners, self.listeners = self.listeners, [None] * self.count  # no lock: a signal
+        for listener in listeners:                                      # handler calls this
+            if listener is not None:
+                listener.close()
 
     def signal(self, sig: int) -> None:
         with self.lock:
@@ -94,6 +122,7 @@ class Fleet:
             code = self.procs[index].wait()
             if self.stopping.is_set():
                 return
+            self.hand_over(index)
             crashes = 1 if time.monotonic() - started > 30 else crashes + 1
             delay = min(BACKOFF_MAX_S, 0.25 * 2 ** min(crashes - 1, 16))
             print(f"worker {index} (pid {self.procs[index].pid}) exited ({_exit(code)}); "
@@ -112,6 +141,7 @@ class Fleet:
                       file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        self.release()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -124,7 +154,8 @@ def serve_many(config: dict, count: int) -> int:
             return 1
     fleet = Fleet(config, count)
     try:
-        stop = lambda sig, frame: (fleet.stopping.set(), fleet.signal(sig))  # noqa: E731
+        stop = lambda sig, frame: (fleet.stopping.set(), fleet.release(),  # noqa: E731
+                                   fleet.signal(sig))
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         if (error := fleet.start()) is not None:

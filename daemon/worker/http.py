@@ -68,6 +68,7 @@ class HttpServer:
         self.connections: set[Connection] = set()
         self.pending = 0  # requests read and not answered yet, over all connections
         self.server: asyncio.AbstractServer | None = None
+        self._taking: set[asyncio.Task] = set()  # handed-over connections being set up
         self.draining = False
         self.leaving = False  # a shutdown's grace (main.Grace): serve, but close after answers
 
@@ -79,6 +80,24 @@ class HttpServer:
         extra = {"ssl_handshake_timeout": self.crowd.limits.header_s} if self.ssl else {}
         self.server = await loop.create_server(lambda: Connection(self), sock=sock,
                                                ssl=self.ssl, backlog=2048, **extra)
+
+    def take(self, sock) -> None:
+        """Serve a connection accepted elsewhere: one a killed sibling never read from,
+        handed over by the daemon (daemon/handoff.py)."""
+        if self.draining:
+            sock.close()
+            return
+        loop = asyncio.get_running_loop()
+        extra = {"ssl_handshake_timeout": self.crowd.limits.header_s} if self.ssl else {}
+        task = loop.create_task(loop.connect_accepted_socket(
+            lambda: Connection(self), sock, ssl=self.ssl, **extra))
+        self._taking.add(task)
+        task.add_done_callback(self._taken)
+
+    def _taken(self, task: asyncio.Task) -> None:
+        self._taking.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not serve a handed-over connection: %s", task.exception())
 
     def make_room(self) -> bool:
         """Close the connection that matters least, for a new one; False if none could go."""

@@ -36,7 +36,8 @@ class Record:
                        "socket": config["control_socket"], "secret": config["secret"],
                        "port": config["port"], "restarts": config.get("restarts", 0),
                        "replica": config.get("replica", 0),
-                       "peer_secret": config.get("peer_secret"), "ready": False}
+                       "peer_secret": config.get("peer_secret"),
+                       "handoff": config.get("handoff_socket"), "ready": False}
 
     def write(self, ready: bool) -> None:
         try:

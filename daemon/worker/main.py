@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-from mserve.daemon import faults, ports
+from mserve.daemon import faults, handoff, ports
 from mserve.daemon.errors import MserveError
 from mserve.daemon.fdlimit import raise_fd_limit
 from mserve.daemon.worker import runtime
@@ -166,6 +166,10 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
     app.http = control.http = http = HttpServer(app, max_body=serving.max_body, ssl=tls,
                                                 after=app.after)
     await http.start(sock)
+    receiver = None
+    if path := config.get("handoff_socket"):  # a killed sibling's connections come here
+        receiver = handoff.Receiver(path, http.take)
+        receiver.start(loop)
     server = None if config.get("standalone") else ControlServer(control, config)
     if server is not None:
         await server.start()
@@ -179,6 +183,8 @@ async def serve(serving: Serving, loaded: tuple[list, int], sock: socket.socket,
         if server is not None:
             server.close()  # no daemon can change or adopt a worker that is leaving
         serving.siblings.close()
+        if receiver is not None:
+            receiver.close(loop)
         draining = [http.drain(config.get("drain_s", 30))]
         if (grpc_stopping := control.stop_grpc()) is not None:
             draining.append(grpc_stopping)
@@ -240,8 +246,12 @@ def main(argv: list[str]) -> int:
 def _start_and_serve(config: dict, channel, deadline: StartDeadline, record: Record | None
                      ) -> int:
     try:
-        sock = ports.bind(config["host"], config["port"], config.get("bind_retry_s", 5.0),
-                          join=bool(config.get("join")))
+        if (fd := config.get("listen_fd")) is not None:
+            sock = socket.socket(fileno=fd)  # bound and listening: the daemon's (handoff.py)
+            sock.set_inheritable(False)
+        else:
+            sock = ports.bind(config["host"], config["port"], config.get("bind_retry_s", 5.0),
+                              join=bool(config.get("join")))
     except OSError as exc:
         channel.send({"event": "failed",
                       "error": ports.bind_error(exc, config["host"], config["port"])})
