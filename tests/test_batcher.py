@@ -182,7 +182,11 @@ def test_no_inline_run_for_costly_models_and_no_queue_skip_when_others_wait(why)
         call = Call(started=time.perf_counter())
         if why == "busy":  # a costly request in the thread: the lone one waits its turn
             model.sleep_s = 0.05
+            # A known cost: calibrated by one cold run, it could make ``big`` [1, 2], the lone
+            # request's shape, and the two then shared one run (CI saw queue_ms 0.027).
+            batcher.cost = 1e-6
             big = np.ones((1, int(2 * INLINE_MAX_S / batcher.cost)), np.float32)
+            assert big.shape[1] != x.shape[1]
             other = asyncio.ensure_future(batcher.submit({"x": big}, ["y"]))
             while not batcher.inflight:
                 await asyncio.sleep(0)
