@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from mserve.daemon import healthcheck
+from mserve.daemon import handoff, healthcheck
 from mserve.daemon.workergroup import FAILED, LOADING, READY, STOPPED, WorkerGroup
 from mserve.daemon.workerprocess import WorkerProcess, _exit, _log_hint
 
@@ -126,10 +126,15 @@ class Supervisor:
         if worker.stopping or worker.generation != generation:
             return
         group = self.get(worker.name)
-        siblings = [w for w in group.serving() if w is not worker] if group else []
-        if taken := worker.hand_over(siblings):
-            log.info("%s: %d connection(s) process %d had not read went to its siblings",
-                     worker.name, taken, worker.index)
+        siblings = [w.handoff for w in group.serving()
+                    if w is not worker and w.handoff] if group else []
+        if (listener := worker.take_listener()) is not None:
+            # off the loop: a sibling slow to take its datagrams must not stall the daemon
+            if taken := await asyncio.to_thread(handoff.hand_over, listener, siblings):
+                log.info("%s: %d connection(s) process %d had not read went to its "
+                         "siblings", worker.name, taken, worker.index)
+            if worker.stopping or worker.generation != generation:
+                return
         worker.close_link()
         lived = time.monotonic() - worker.started_at
         worker.crashes = 1 if lived > HEALTHY_AFTER_S and not worker.hung else worker.crashes + 1

@@ -85,13 +85,11 @@ class WorkerProcess:
             self.listener.close()
             self.listener = None
 
-    def hand_over(self, to: list[WorkerProcess]) -> int:
-        """The process died: the connections waiting in its socket go to ``to`` (its
-        serving siblings); how many."""
+    def take_listener(self):
+        """Our copy of the listening socket of a process that died (for handoff.hand_over),
+        no longer ours to close."""
         listener, self.listener = self.listener, None
-        if listener is None:
-            return 0
-        return handoff.hand_over(listener, [w.handoff for w in to if w.handoff])
+        return listener
 
     async def _started(self, proc: asyncio.subprocess.Process, config: dict,
                        timeout: float) -> dict:
