@@ -50,7 +50,7 @@ def ensure_h2load() -> str:
 
 def request_message(model: str, x: np.ndarray) -> bytes:
     """A serialized ModelInferRequest with ``x`` as input ``x`` in raw_input_contents."""
-    from mserve.daemon.worker.proto import grpc_service_pb2 as pb
+    from mserve.daemon.protocol.proto import grpc_service_pb2 as pb
 
     request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
@@ -67,7 +67,7 @@ def check_answer(target: str, message: bytes, expected: np.ndarray) -> str | Non
     """One call with grpcio; None when the answer matches ``expected``, else what is wrong."""
     import grpc
 
-    from mserve.daemon.worker.proto import grpc_service_pb2 as pb
+    from mserve.daemon.protocol.proto import grpc_service_pb2 as pb
 
     try:
         with grpc.insecure_channel(target) as channel:
@@ -141,7 +141,7 @@ class Floor:
     manager: ``target`` (host:port) and ``pid`` while it runs."""
 
     def __init__(self, model: str, expected: np.ndarray, work: Path):
-        from mserve.daemon.worker.proto import grpc_service_pb2 as pb
+        from mserve.daemon.protocol.proto import grpc_service_pb2 as pb
 
         answer = pb.ModelInferResponse(model_name=model, model_version="1")
         answer.outputs.add(name="y", datatype="FP32", shape=list(expected.shape))

@@ -10,7 +10,7 @@ import numpy as np
 import orjson
 import pytest
 
-from mserve.daemon.worker import bigjson
+from mserve.daemon.protocol import bigjson
 
 
 class CountingOrjson:

@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from mserve.daemon.errors import BadRequest, MserveError
-from mserve.daemon.worker import bigjson, codecs, codecs_v1, tensors
-from mserve.daemon.worker.codecs import (DTYPES, ORT_TYPES, InferRequest, RequestedOutput,
+from mserve.daemon.protocol import bigjson, codecs, codecs_v1, tensors
+from mserve.daemon.protocol.codecs import (DTYPES, ORT_TYPES, InferRequest, RequestedOutput,
                                          TensorSpec, binary_bytes, check_inputs, check_outputs,
                                          datatype_of, encode_error, encode_response,
                                          json_ready, model_metadata, parse_request)
@@ -688,7 +688,7 @@ def test_bytes_of_one_length_are_split_by_numpy_exactly():
 def test_bytes_are_encoded_a_slice_at_a_time_in_triton_layout():
     """More than one slice, fixed-width and mixed slices, text and bytes, null bytes kept:
     every element is its 4-byte little-endian length, then its bytes, in row-major order."""
-    from mserve.daemon.worker.tensors import SLICE_ELEMENTS
+    from mserve.daemon.protocol.tensors import SLICE_ELEMENTS
 
     rng = np.random.default_rng(7)
     fixed = [b"\x00a\x00"] * SLICE_ELEMENTS

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from mserve.daemon.errors import BadRequest
-from mserve.daemon.worker import bigjson, codecs_v1, tensors
-from mserve.daemon.worker.codecs import DTYPES, RequestedOutput, TensorSpec, encode_response
+from mserve.daemon.protocol import bigjson, codecs_v1, tensors
+from mserve.daemon.protocol.codecs import DTYPES, RequestedOutput, TensorSpec, encode_response
 
 IRIS = Path(__file__).resolve().parent.parent / "examples" / "iris" / "model.onnx"
 INTEGERS = ["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"]

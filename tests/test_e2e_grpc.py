@@ -109,7 +109,7 @@ def rpc_error(call, *args, **kw) -> grpc.RpcError:
 def test_descriptors_match_tritonclients():
     """Every message, enum and RPC of ours has tritonclient's field names, numbers, types and
     enum values (the model configuration's messages are tritonclient's model_config.proto)."""
-    from mserve.daemon.worker.proto import grpc_service_pb2 as ours
+    from mserve.daemon.protocol.proto import grpc_service_pb2 as ours
 
     def fields(message) -> dict:
         return {f.name: (f.number, f.type, f.is_repeated,

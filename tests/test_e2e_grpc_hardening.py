@@ -464,7 +464,7 @@ def test_redeploy_with_a_new_max_body_applies_to_grpc_at_once(shared, model_dir)
 def test_split_raw_inputs_reads_what_protobuf_reads():
     """The zero-copy split of large messages gives protobuf's own answer (fields in any
     order, unknown fields, several raw inputs), and refuses what protobuf refuses."""
-    from mserve.daemon.worker import grpc_codec
+    from mserve.daemon.protocol import grpc_codec
 
     rng = random.Random(7)
     for _ in range(200):

@@ -166,7 +166,7 @@ def predict_both_ways(url: str, grpc_port: int) -> None:
 
 
 def test_the_image_serves_and_drains_losing_nothing_routed(engine, container):
-    from mserve.daemon.worker.proto import health_pb2
+    from mserve.daemon.protocol.proto import health_pb2
 
     url, grpc_port, cid = container()
     predict_both_ways(url, grpc_port)

@@ -266,7 +266,7 @@ def refuses(port: int) -> bool:
 def grpc_health(port: int) -> int:
     import grpc
 
-    from mserve.daemon.worker.proto import health_pb2, health_pb2_grpc
+    from mserve.daemon.protocol.proto import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -278,7 +278,7 @@ AFFINE_BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
 
 
 def test_sigterm_turns_ready_off_and_serves_through_the_grace(tmp_path, serving):
-    from mserve.daemon.worker.proto import health_pb2
+    from mserve.daemon.protocol.proto import health_pb2
 
     model = models.affine(tmp_path / "graceful" / "model.onnx", scale=2.0)
     port, grpc_port = free_ports(2)

@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from mserve.daemon.worker.proto import health_pb2, health_pb2_grpc
+from mserve.daemon.protocol.proto import health_pb2, health_pb2_grpc
 from tests import models
 from tests.conftest import wait_for
 

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mserve.daemon.errors import BadRequest
-from mserve.daemon.worker import codecs, codecs_v1
-from mserve.daemon.worker.codecs import DTYPES, TensorSpec
+from mserve.daemon.protocol import codecs, codecs_v1
+from mserve.daemon.protocol.codecs import DTYPES, TensorSpec
 
 # MSERVE_FUZZ_SCALE=20 multiplies the examples (a longer hunt than the suite's few seconds).
 # No example database: a failing example is printed in full, to be pasted into a test.

@@ -9,7 +9,7 @@ from tritonclient.grpc import model_config_pb2
 
 from mserve.daemon.protocol.modelconfig import data_type, model_config, repository_index
 from mserve.daemon.worker.batchcheck import Decision
-from mserve.daemon.worker.codecs import TensorSpec
+from mserve.daemon.protocol.codecs import TensorSpec
 from mserve.daemon.worker.runtime import LoadedModel
 
 

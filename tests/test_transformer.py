@@ -13,7 +13,7 @@ import pytest
 from mserve.daemon.errors import BadRequest, DeployFailed
 from mserve.daemon.store import TRANSFORMER_DIR, Store
 from mserve.daemon.worker import runtime, transformer
-from mserve.daemon.worker.tensors import TensorSpec
+from mserve.daemon.protocol.tensors import TensorSpec
 from tests import models
 
 X = [TensorSpec("x", "FP32", (-1, 4))]

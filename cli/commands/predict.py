@@ -124,9 +124,9 @@ GRPC_STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404
 
 def predict_grpc(d: dict, version: int | None, document: dict, token: str | None) -> dict:
     """One ModelInfer on the deployment's gRPC port; the answer as the HTTP route gives it."""
-    from mserve.daemon.worker import codecs
-    from mserve.daemon.worker.proto import grpc_service_pb2 as pb
-    from mserve.daemon.worker.proto import grpc_service_pb2_grpc as pb_grpc
+    from mserve.daemon.protocol import codecs
+    from mserve.daemon.protocol.proto import grpc_service_pb2 as pb
+    from mserve.daemon.protocol.proto import grpc_service_pb2_grpc as pb_grpc
 
     if "instances" in document:
         raise BadRequest("--grpc takes an Open Inference Protocol request or a mapping of "

@@ -14,7 +14,8 @@ import sys
 import time
 
 from mserve.daemon.errors import BadRequest, MserveError
-from mserve.daemon.worker import codecs, codecs_v1, routes
+from mserve.daemon.protocol import codecs, codecs_v1
+from mserve.daemon.worker import routes
 from mserve.daemon.worker.http import HttpServer, Request, Response
 from mserve.daemon.worker.requestlog import Call
 from mserve.daemon.worker.routes import JSON, OPEN_PATHS, V1_MODEL, V2_MODEL

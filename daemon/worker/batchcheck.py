@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from mserve.daemon.worker.codecs import DTYPES, TensorSpec
+from mserve.daemon.protocol.codecs import DTYPES, TensorSpec
 
 MODES = ("auto", "on", "off")
 # Operators whose output size (and so an output's dim 0) can depend on input values.

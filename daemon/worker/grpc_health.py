@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mserve.daemon.worker.serving import Serving
-from mserve.daemon.worker.proto import health_pb2 as pb
+from mserve.daemon.protocol.proto import health_pb2 as pb
 
 SERVICE = "grpc.health.v1.Health"
 Status = pb.HealthCheckResponse.ServingStatus

@@ -34,10 +34,10 @@ from grpc import aio
 
 from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unavailable
 from mserve.daemon.protocol import modelconfig
-from mserve.daemon.worker import codecs, grpc_codec
+from mserve.daemon.protocol import codecs, grpc_codec
 from mserve.daemon.worker.serving import Serving
 from mserve.daemon.worker.grpc_limits import Busy, Limits, Settings
-from mserve.daemon.worker.proto import grpc_service_pb2 as pb
+from mserve.daemon.protocol.proto import grpc_service_pb2 as pb
 from mserve.daemon.worker.requestlog import Call
 from mserve.daemon.worker.routes import SERVER_METADATA
 

@@ -27,7 +27,7 @@ import grpc
 from mserve.daemon.errors import MserveError
 from mserve.daemon.worker.grpc_limits import Busy
 from mserve.daemon.worker.grpc_server import Servicer, _headers, _peer, status_code
-from mserve.daemon.worker.proto import grpc_service_pb2 as pb
+from mserve.daemon.protocol.proto import grpc_service_pb2 as pb
 from mserve.daemon.worker.requestlog import Call
 
 log = logging.getLogger("mserve.worker")

@@ -16,7 +16,7 @@ import orjson
 
 from mserve.daemon.errors import BadRequest, MserveError, NotFound, Unavailable
 from mserve.daemon.protocol.modelconfig import model_config, repository_index
-from mserve.daemon.worker import codecs
+from mserve.daemon.protocol import codecs
 
 if TYPE_CHECKING:
     from mserve.daemon.worker.serving import Serving

@@ -17,8 +17,8 @@ import orjson
 
 from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
 from mserve.daemon.worker import batchcheck, devices, graphscan, stringlocale, transformer
-from mserve.daemon.worker.codecs import DTYPES, ORT_TYPES, TensorSpec
-from mserve.daemon.worker.tensors import SLICE_ELEMENTS, pause
+from mserve.daemon.protocol.codecs import DTYPES, ORT_TYPES, TensorSpec
+from mserve.daemon.protocol.tensors import SLICE_ELEMENTS, pause
 
 _cuda_failed: str | None = None  # why CUDA could not be used in this process: not retried
 

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mserve.daemon.errors import MserveError, NotFound, Unauthorized, Unavailable
-from mserve.daemon.worker import bigjson, codecs
+from mserve.daemon.protocol import bigjson, codecs
 from mserve.daemon.worker.batcher import Batcher
 from mserve.daemon.worker.metrics import Metrics
 from mserve.daemon.worker.requestlog import Call, RequestLog

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
-from mserve.daemon.worker.tensors import DTYPES, TensorSpec
+from mserve.daemon.protocol.tensors import DTYPES, TensorSpec
 
 DEFAULT_THREADS = 4
 log = logging.getLogger("mserve.transformer")

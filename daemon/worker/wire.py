@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from mserve.daemon.errors import MserveError
-from mserve.daemon.worker.codecs import encode_error
+from mserve.daemon.protocol.codecs import encode_error
 
 REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
            405: b"Method Not Allowed", 408: b"Request Timeout", 413: b"Content Too Large",

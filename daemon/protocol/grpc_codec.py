@@ -19,8 +19,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from mserve.daemon.errors import BadRequest
-from mserve.daemon.worker import codecs
-from mserve.daemon.worker.proto import grpc_service_pb2 as pb
+from mserve.daemon.protocol import codecs
+from mserve.daemon.protocol.proto import grpc_service_pb2 as pb
 
 # datatype -> (InferTensorContents field, numpy dtype of that field's values)
 CONTENTS = {

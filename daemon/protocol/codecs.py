@@ -16,8 +16,8 @@ import numpy as np
 import orjson
 
 from mserve.daemon.errors import BadRequest
-from mserve.daemon.worker import bigjson
-from mserve.daemon.worker.tensors import (DATATYPE_BY_DTYPE, DEFAULT_MAX_ELEMENTS, DTYPES,
+from mserve.daemon.protocol import bigjson
+from mserve.daemon.protocol.tensors import (DATATYPE_BY_DTYPE, DEFAULT_MAX_ELEMENTS, DTYPES,
                                           MAX_RANK, ORT_TYPES, SLICE_ELEMENTS, TensorSpec,
                                           array_from_binary, array_from_json,
                                           binary_size_error, check_declared, check_input_names,

@@ -15,9 +15,9 @@ import numpy as np
 import orjson
 
 from mserve.daemon.errors import BadRequest
-from mserve.daemon.worker import bigjson
-from mserve.daemon.worker.codecs import json_ready, load_json_object
-from mserve.daemon.worker.tensors import (DEFAULT_MAX_ELEMENTS, SLICE_ELEMENTS, TensorSpec,
+from mserve.daemon.protocol import bigjson
+from mserve.daemon.protocol.codecs import json_ready, load_json_object
+from mserve.daemon.protocol.tensors import (DEFAULT_MAX_ELEMENTS, SLICE_ELEMENTS, TensorSpec,
                                           array_from_json, check_input_names, check_shape,
                                           data_shape, pause, shape_text)
 

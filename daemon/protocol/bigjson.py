@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from mserve.daemon.worker.tensors import pause
+from mserve.daemon.protocol.tensors import pause
 
 PIECE = 64 * 1024  # bytes parsed per orjson call: one to two milliseconds
 SMALL = 2**20  # documents up to this size are parsed in one call
