@@ -33,7 +33,7 @@ from urllib.parse import quote
 import grpc
 from grpc import aio
 
-from mserve.daemon.worker import h2
+from mserve.daemon.worker import h2, h2headers
 
 log = logging.getLogger("mserve.worker")
 INFERENCE = "/inference.GRPCInferenceService/"
@@ -41,7 +41,7 @@ HIDDEN = frozenset({b"te", b"content-type", b"grpc-timeout", b"grpc-encoding",
                     b"grpc-accept-encoding"})
 UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
-RESPONSE = h2.headers_block(200, [(b"content-type", b"application/grpc"),
+RESPONSE = h2headers.headers_block(200, [(b"content-type", b"application/grpc"),
                                   (b"grpc-accept-encoding", b"identity,deflate,gzip")])
 _LENGTH = struct.Struct(">I")
 
@@ -241,9 +241,9 @@ class Call:
                 else value.encode()
             fields.append((key.lower().encode(), value))
         if self.sent_headers:
-            block = b"".join(h2.literal(k, v) for k, v in fields)
+            block = b"".join(h2headers.literal(k, v) for k, v in fields)
         else:  # trailers-only
-            block = h2.headers_block(200, [(b"content-type", b"application/grpc"), *fields])
+            block = h2headers.headers_block(200, [(b"content-type", b"application/grpc"), *fields])
         self.conn.send(self.stream, [(h2.HEADERS, block, True)])
 
 
@@ -310,11 +310,11 @@ class NativeServer:
         if headers.get(b":method") != b"POST" \
                 or not headers.get(b"content-type", b"").startswith(b"application/grpc"):
             status = 405 if headers.get(b":method") != b"POST" else 415
-            conn.send(stream, [(h2.HEADERS, h2.headers_block(status, []), True)])
+            conn.send(stream, [(h2.HEADERS, h2headers.headers_block(status, []), True)])
             return _Gone()
         handler = self._handler(headers.get(b":path", b""))
         if handler is None:
-            block = h2.headers_block(200, [(b"content-type", b"application/grpc"),
+            block = h2headers.headers_block(200, [(b"content-type", b"application/grpc"),
                                            (b"grpc-status", b"12"),
                                            (b"grpc-message", b"Method not found!")])
             conn.send(stream, [(h2.HEADERS, block, True)])

@@ -13,15 +13,12 @@ ways (sends wait for the peer's WINDOW_UPDATE and are split at its frame size; r
 bytes are given back as they are consumed), RST_STREAM both ways, GOAWAY both ways, a cap on
 concurrent streams (REFUSED_STREAM past it), back-pressure (reading pauses while the
 transport's write buffer is full), a deadline for the client preface, and a bound on how fast
-a peer may reset streams (the "rapid reset" attack: ENHANCE_YOUR_CALM). No server push, no priorities (ignored, as RFC 9113
-allows), no h2c upgrade (gRPC clients start with the preface). A protocol error ends the
+a peer may reset streams (the "rapid reset" attack: ENHANCE_YOUR_CALM). No server push, no
+priorities (ignored, as RFC 9113 allows), no h2c upgrade (gRPC clients start with the preface). A protocol error ends the
 connection with GOAWAY and the error code.
 
-Header blocks are decoded with the ``hpack`` package behind a cache keyed by the block's
-bytes: gRPC clients send the same request headers on every call, as references into the
-table once they were seen, so the cache answers nearly every call. An entry is used only while
-the decoder's dynamic table is the one it was decoded with. Answers are encoded without the
-dynamic table (static references and plain literals), so the encoder keeps no state.
+Frames are written by h2frames.py, header blocks coded by h2headers.py (HPACK, with a
+cache), and what we send waits for the peer's windows in h2send.py.
 """
 
 from __future__ import annotations
@@ -29,30 +26,26 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
-from collections import deque
 
-from hpack import Decoder
-from hpack.exceptions import HPACKError
-from hpack.table import HeaderTable
+from mserve.daemon.worker.h2frames import (ACK, COMPRESSION_ERROR, CONTINUATION, DATA,
+                                           END_HEADERS, END_STREAM, ENHANCE_YOUR_CALM,
+                                           FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, GOAWAY,
+                                           HEADERS, NO_ERROR, PADDED, PING, PREFACE,
+                                           PRIORITY_FLAG, PROTOCOL_ERROR, PUSH_PROMISE,
+                                           REFUSED_STREAM, RST_STREAM, S_FRAME, S_HEADER_LIST,
+                                           S_PUSH, S_STREAMS, S_WINDOW, SETTINGS,
+                                           WINDOW_UPDATE, ProtocolError, frame, unpad)
+from mserve.daemon.worker.h2headers import MAX_HEADER_BLOCK, BadHeaderBlock, HeaderDecoder
+from mserve.daemon.worker.h2send import Outbox, Stream
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, \
-    CONTINUATION = range(10)
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x6, 0x7, 0x9
-ENHANCE_YOUR_CALM = 0xB
-S_TABLE, S_PUSH, S_STREAMS, S_WINDOW, S_FRAME, S_HEADER_LIST = 1, 2, 3, 4, 5, 6
+__all__ = ["Connection", "Stream", "DATA", "HEADERS", "ProtocolError"]
+_HEADER = struct.Struct(">I")
 
 MAX_FRAME = 1 << 20  # the largest frame we take (advertised)
 STREAM_WINDOW = 1 << 20  # each stream's receive window (advertised)
 CONNECTION_WINDOW = 1 << 24
-MAX_HEADER_BLOCK = 64 * 1024
-CACHE_ENTRIES = 256
 PREFACE_TIMEOUT_S = 10.0
 RESETS_PER_S, RESET_WINDOW_S = 200, 10.0
-_HEADER = struct.Struct(">I")
 
 
 def preface_timeout(environ=os.environ) -> float:
@@ -63,51 +56,6 @@ def preface_timeout(environ=os.environ) -> float:
     except ValueError:
         return PREFACE_TIMEOUT_S
     return value if value > 0 else PREFACE_TIMEOUT_S
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: int, why: str):
-        super().__init__(why)
-        self.code = code
-
-
-def frame(kind: int, flags: int, stream: int, payload=b"") -> bytes:
-    return (len(payload).to_bytes(3, "big") + bytes((kind, flags))
-            + _HEADER.pack(stream) + bytes(payload))
-
-
-class CountedTable(HeaderTable):
-    """hpack's dynamic table, counting its changes (entries added, size changed), so that a
-    cached header block is used only with the table it was decoded with."""
-
-    def __init__(self):
-        self.version = 0
-        super().__init__()
-
-    def add(self, name: bytes, value: bytes) -> None:
-        self.version += 1
-        super().add(name, value)
-
-    def _set_maxsize(self, value: int) -> None:
-        self.version += 1
-        HeaderTable.maxsize.fset(self, value)
-
-    maxsize = property(HeaderTable.maxsize.fget, _set_maxsize)
-
-
-class Stream:
-    """One stream's state: its peer object, send window and what waits for it."""
-
-    __slots__ = ("id", "peer", "window", "pending", "ended_remote", "closed", "unacked")
-
-    def __init__(self, stream_id: int, window: int):
-        self.id = stream_id
-        self.peer = None  # set by the gRPC layer: on_data(bytes, end), on_reset()
-        self.window = window  # what we may still send
-        self.pending: deque = deque()  # (kind, bytes, end_stream) waiting for window
-        self.ended_remote = False
-        self.closed = False
-        self.unacked = 0  # bytes received and not yet given back to the peer's window
 
 
 class Connection(asyncio.Protocol):
@@ -121,13 +69,11 @@ class Connection(asyncio.Protocol):
         self.preface = False
         self.streams: dict[int, Stream] = {}
         self.last_stream = 0
-        self.decoder = Decoder()
-        self.decoder.header_table = self.table = CountedTable()
-        self.decoder.max_header_list_size = MAX_HEADER_BLOCK
-        self.cache: dict[bytes, tuple[int, list]] = {}
-        self.send_window = 65535  # the connection's, for our DATA
-        self.initial_window = 65535  # each new stream's, the peer's SETTINGS
-        self.max_send_frame = 16384
+        self.headers = HeaderDecoder()
+        self.out = Outbox(self._finished)
+        # send(stream, [(HEADERS or DATA, bytes, end_stream), ...]): queued on the stream,
+        # written as the peer's windows allow (h2send.Outbox); bound here, one call less
+        self.send = self.out.send
         self.received = 0  # connection-level bytes not yet given back
         self.continuing: tuple[int, int, bytearray] | None = None  # stream, flags, block
         self.going_away = False
@@ -136,7 +82,7 @@ class Connection(asyncio.Protocol):
 
     # ---- transport --------------------------------------------------------------------
     def connection_made(self, transport) -> None:
-        self.transport = transport
+        self.transport = self.out.transport = transport
         # a peer that never says it speaks HTTP/2 does not keep its connection
         self.preface_due = asyncio.get_running_loop().call_later(
             preface_timeout(), transport.close)
@@ -244,7 +190,7 @@ class Connection(asyncio.Protocol):
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         self.received += len(payload)
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.ended_remote:
             if stream_id > self.last_stream or stream_id == 0:
@@ -267,7 +213,7 @@ class Connection(asyncio.Protocol):
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if flags & PADDED:
-            payload = _unpad(payload)
+            payload = unpad(payload)
         if flags & PRIORITY_FLAG:
             payload = payload[5:]
         if not stream_id % 2:
@@ -290,7 +236,10 @@ class Connection(asyncio.Protocol):
             self._block(stream_id, first_flags, bytes(block))
 
     def _block(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)
+        try:
+            headers = self.headers.decode(block)
+        except BadHeaderBlock as exc:
+            raise ProtocolError(COMPRESSION_ERROR, f"a bad header block: {exc}") from None
         end = bool(flags & END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers from the client: only the end matters
@@ -307,25 +256,10 @@ class Connection(asyncio.Protocol):
         if self.going_away or len(self.streams) >= self.max_streams:
             self.transport.write(frame(RST_STREAM, 0, stream_id, _HEADER.pack(REFUSED_STREAM)))
             return
-        stream = Stream(stream_id, self.initial_window)
+        stream = Stream(stream_id, self.out.initial_window)
         stream.ended_remote = end
         self.streams[stream_id] = stream
         stream.peer = self.accept(self, stream, headers, end)
-
-    def _decode(self, block: bytes) -> list:
-        cached = self.cache.get(block)
-        if cached is not None and cached[0] == self.table.version:
-            return cached[1]
-        version = self.table.version
-        try:
-            headers = self.decoder.decode(block, raw=True)
-        except HPACKError as exc:
-            raise ProtocolError(COMPRESSION_ERROR, f"a bad header block: {exc}") from None
-        if self.table.version == version:  # the block left the table as it was
-            if len(self.cache) >= CACHE_ENTRIES:
-                self.cache.clear()
-            self.cache[block] = (version, headers)
-        return headers
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id:
@@ -339,26 +273,26 @@ class Connection(asyncio.Protocol):
             if key == S_WINDOW:
                 if value > 0x7FFFFFFF:
                     raise ProtocolError(FLOW_CONTROL_ERROR, "a window past 2^31-1")
-                delta, self.initial_window = value - self.initial_window, value
+                delta, self.out.initial_window = value - self.out.initial_window, value
                 for stream in self.streams.values():
                     stream.window += delta
             elif key == S_FRAME:
                 if not 16384 <= value <= 16777215:
                     raise ProtocolError(PROTOCOL_ERROR, "a bad SETTINGS_MAX_FRAME_SIZE")
-                self.max_send_frame = value
+                self.out.max_frame = value
         self.transport.write(frame(SETTINGS, ACK, 0))
-        self._flush_all()
+        self.out.flush_all(self.streams.values())
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise ProtocolError(FRAME_SIZE_ERROR, "a malformed WINDOW_UPDATE")
         increment = _HEADER.unpack(payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
-            self.send_window += increment
-            self._flush_all()
+            self.out.window += increment
+            self.out.flush_all(self.streams.values())
         elif (stream := self.streams.get(stream_id)) is not None:
             stream.window += increment
-            self._flush(stream)
+            self.out.flush(stream)
 
     def _give_back(self) -> None:
         """Open the receive windows again for what was read (the gRPC layer bounds what it
@@ -373,49 +307,6 @@ class Connection(asyncio.Protocol):
                 stream.unacked = 0
         if updates:
             self.transport.write(b"".join(updates))
-
-    # ---- writing ----------------------------------------------------------------------
-    def send(self, stream: Stream, parts: list[tuple[int, bytes, bool]]) -> None:
-        """Queue (HEADERS or DATA, bytes, end_stream) parts on ``stream`` and send what the
-        windows allow now; the rest follows the peer's WINDOW_UPDATEs. A HEADERS part is an
-        encoded block (headers_block)."""
-        if stream.closed:
-            return
-        stream.pending.extend(parts)
-        self._flush(stream)
-
-    def _flush(self, stream: Stream) -> None:
-        out = []
-        pending = stream.pending
-        while pending:
-            kind, data, end = pending[0]
-            if kind == HEADERS:
-                out.append(frame(HEADERS, END_HEADERS | (END_STREAM if end else 0),
-                                 stream.id, data))
-                pending.popleft()
-            else:
-                room = min(self.send_window, stream.window)
-                if data and room <= 0:
-                    break
-                size = min(len(data), room, self.max_send_frame)
-                last = size == len(data)
-                out.append(frame(DATA, END_STREAM if end and last else 0, stream.id,
-                                 data[:size] if not last else data))
-                self.send_window -= size
-                stream.window -= size
-                if last:
-                    pending.popleft()
-                else:
-                    pending[0] = (kind, memoryview(data)[size:], end)
-            if end and not pending:
-                self._finished(stream)
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(out))
-
-    def _flush_all(self) -> None:
-        for stream in list(self.streams.values()):
-            if stream.pending:
-                self._flush(stream)
 
     def _finished(self, stream: Stream) -> None:
         """Our side ended the stream. A client still sending may finish (what it sends is
@@ -449,34 +340,3 @@ class Connection(asyncio.Protocol):
             self.transport.close()
 
 
-def _unpad(payload: bytes) -> bytes:
-    if not payload or payload[0] >= len(payload):
-        raise ProtocolError(PROTOCOL_ERROR, "padding past the frame")
-    return payload[1:len(payload) - payload[0]]
-
-
-# ---------------------------------------------------------------- header blocks
-
-
-def _integer(value: int, prefix_bits: int, first: int) -> bytes:
-    """An HPACK integer with a ``prefix_bits`` prefix, ``first`` holding the high bits."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((first | value,))
-    out, value = bytearray((first | limit,)), value - limit
-    while value >= 128:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def literal(name: bytes, value: bytes) -> bytes:
-    """A header field as a literal without indexing, with a literal name (no table use)."""
-    return b"\x00" + _integer(len(name), 7, 0) + name + _integer(len(value), 7, 0) + value
-
-
-def headers_block(status: int, fields: list[tuple[bytes, bytes]]) -> bytes:
-    """``:status`` (a static table reference for 200) and ``fields`` as literals."""
-    head = b"\x88" if status == 200 else b"\x08" + _integer(3, 7, 0) + str(status).encode()
-    return head + b"".join(literal(name, value) for name, value in fields)
