@@ -9,6 +9,7 @@ import time
 
 from mserve.cli.client import DaemonClient, DaemonUnavailable
 from mserve.daemon import paths as paths_mod
+from mserve.daemon import workerrecord
 from mserve.daemon.errors import MserveError
 
 START_TIMEOUT_S = float(os.environ.get("MSERVE_START_TIMEOUT", "60"))
@@ -63,8 +64,7 @@ def _holder_alive(paths: paths_mod.Paths) -> bool:
     while True:
         try:
             pid = int(paths.lock.read_text().strip() or "0")
-            if pid > 0:
-                os.kill(pid, 0)
+            if pid > 0 and workerrecord.running(pid):
                 return True
         except (OSError, ValueError):
             pass

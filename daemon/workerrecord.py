@@ -68,6 +68,18 @@ def start_time(pid: int) -> str | None:
     return fields[19]
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process. A zombie (exited, its parent has not reaped it yet:
+    a container's init or a supervisor script may take seconds) is not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: it runs
+        return True
+    return start_time(pid) is not None or not os.path.exists("/proc/self/stat")
+
+
 def write(path: Path, record: dict) -> None:
     """Write ``record`` atomically (temp file, fsync, rename), 0600."""
     ensure_private_dir(path.parent)

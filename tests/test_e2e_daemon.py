@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,6 +82,28 @@ def test_foreground_run_stops_on_sigterm(mserve, affine_v1):
         proc.kill()
         proc.wait()
     assert mserve.deployment("fg")["status"] == "ready"  # restored by the next command
+
+
+def test_stop_returns_once_the_daemon_exited_though_its_parent_has_not_reaped_it(mserve):
+    """A daemon whose parent reaps late (a container's init, a supervisor script) is a zombie
+    for a while after it exited: `daemon stop` must not wait for the reaping (it waited out its
+    whole deadline and then failed, 'did not exit in time')."""
+    env = {**mserve.env, "MSERVE_DRAIN_TIMEOUT": "1"}  # the CLI's deadline: 16 s
+    proc = subprocess.Popen([sys.executable, "-m", "mserve.cli.main", "daemon", "run"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: mserve.run("daemon", "status", "--json").stdout.count('"running": true'),
+                 what="foreground daemon")
+        started = time.monotonic()
+        stopped = mserve.run("daemon", "stop", "--json", env=env, timeout=30)
+        took = time.monotonic() - started
+        # this test is its parent and has not reaped it: it is a zombie now, not running
+        assert stopped.returncode == 0, stopped.stderr
+        assert json.loads(stopped.stdout)["stopped"] is True and took < 10
+        assert mserve.json("daemon", "status")["running"] is False
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_long_home_gets_a_short_socket(tmp_path):

@@ -11,6 +11,7 @@ from mserve.cli.client import DaemonClient, DaemonUnavailable
 from mserve.cli.commands.logs import tail_text
 from mserve.cli.render import JsonOption, duration, emit_json, say
 from mserve.daemon import paths as paths_mod
+from mserve.daemon import workerrecord
 from mserve.daemon.errors import MserveError
 
 app = typer.Typer(help="Start, stop and inspect the background daemon.", no_args_is_help=True)
@@ -99,9 +100,7 @@ def stop(
 def _wait_gone(pid: int, paths: paths_mod.Paths) -> None:
     deadline = time.monotonic() + float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30")) + 15
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not workerrecord.running(pid):  # a zombie has exited: its parent may reap it late
             return
         time.sleep(0.05)
     raise MserveError(f"the daemon (pid {pid}) did not exit in time",
