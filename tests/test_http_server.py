@@ -231,10 +231,15 @@ def test_idle_connection_closes_after_keepalive():
         started = time.monotonic()
         assert closed(conn)  # blocks until the server closes it
         assert 0.1 < time.monotonic() - started < 3
-        # a request that stops half-way is cut too
-        half = connect(running.port)
-        half.sendall(b"POST /a HTTP/1.1\r\ncontent-length: 10\r\n\r\nabc")
-        assert closed(half)
+        # a request that stops half-way is cut too, and told why (408), headers or body
+        for partial, what in ((b"POST /a HTTP/1.1\r\ncontent-length: 10\r\n\r\nabc", "body"),
+                              (b"POST /a HTTP/1.1\r\ncontent-len", "headers")):
+            half = connect(running.port)
+            half.sendall(partial)
+            status, headers, body = read_response(half, bytearray())
+            assert status == 408 and headers["connection"] == "close"
+            assert f"request {what} stopped arriving" in json.loads(body)["error"]
+            assert closed(half)
     finally:
         running.stop()
 

@@ -253,21 +253,26 @@ class Guarded:
         self.timer = self.loop.call_at(due, self._tick)
 
     def _tick(self) -> None:
-        """Close a connection idle for ``keepalive_s`` (an idle keep-alive, or a request
-        that stopped arriving) or done lingering; 408 to a request past its deadline."""
+        """Close a connection idle for ``keepalive_s`` between requests or done lingering;
+        408 to a request past its deadline or silent for ``keepalive_s`` part-way."""
         self.timer = None
         if self.transport.is_closing():
             return
         now = self.loop.time() + 0.005  # timers may fire a little early
         if (due := self._due(now)) > now:
             self.timer = self.loop.call_at(due, self._tick)
-        elif self.lingering or self.phase == IDLE or now < self._deadline():
+        elif self.lingering or self.phase == IDLE:
             self._close()
         else:
             what = "headers" if self.phase == HEAD else "body"
-            allowed = self._deadline() - self.started
             self.crowd.note("timeout")
-            self._reject(error(408, f"the request {what} did not arrive within {allowed:.3g} s"))
+            if now < self._deadline():  # went silent part-way: told so, as at the deadline
+                why = (f"the request {what} stopped arriving (nothing for "
+                       f"{self.server.keepalive_s:.3g} s)")
+            else:
+                allowed = self._deadline() - self.started
+                why = f"the request {what} did not arrive within {allowed:.3g} s"
+            self._reject(error(408, why))
 
 
 def _malloc_trim():
