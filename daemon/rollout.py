@@ -66,10 +66,16 @@ class Rollouts:
                 raise Conflict(f"version {to} of '{name}' is {target['state']}; it cannot be "
                                "made active")
             return target
-        older = [v for v in self.d.state.versions(name)
+        # the previous active version: the standby (kept loaded, so a reference swap) ...
+        versions = self.d.state.versions(name)
+        standby = next((v for v in versions if v["state"] == st.STANDBY), None)
+        if standby is not None and standby["number"] != current:
+            return standby
+        # ... or, with none (a standby pruned or failed), the newest servable one before it
+        older = [v for v in versions
                  if v["number"] < current and v["state"] not in (st.FAILED, st.PRUNED)]
         if not older:
-            raise Conflict(f"'{name}' has no version before {current} to roll back to")
+            raise Conflict(f"'{name}' has no previous version to roll back to")
         return older[-1]
 
     async def traffic(self, name: str, split: dict | None, sticky: str | None) -> dict:

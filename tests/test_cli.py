@@ -98,7 +98,7 @@ def test_predict_input_mistakes(shared, affine_v1, tmp_path):
     assert "unknown input 'q'" in shared.fail("predict", "inputs", "-", input='{"q": [[1]]}')
     err = shared.fail("predict", "inputs", "-", input='{"x": [[1, 2]]}')
     assert "dimension 1 must be 4" in err
-    assert "no version before 1" in shared.fail("rollback", "inputs")
+    assert "no previous version" in shared.fail("rollback", "inputs")
     assert "version 5 of 'inputs' not found" in shared.fail("rollback", "inputs", "--to", "5")
     shared.ok("undeploy", "inputs")
 

@@ -62,6 +62,24 @@ def test_deploy_predict_version_rollback_undeploy(mserve, affine_v1, affine_v2, 
     assert "deployment 'recs' not found" in mserve.fail("versions", "recs")
 
 
+
+def test_a_plain_rollback_goes_back_to_the_previous_active_version(shared, model_dir,
+                                                                    affine_v1, affine_v2):
+    """SPEC: rollback "makes the previous active version (or V) active again": after
+    `rollback --to 1` from 3, a plain rollback is back to 3, not "no version before 1"."""
+    v3 = models.affine(model_dir / "rb3" / "affine.onnx", scale=3.0, bias=0.0)
+    for path in (affine_v1, affine_v2, v3):
+        shared.json("deploy", path, "--name", "rb")
+    url = shared.deployment("rb")["url"]
+    assert shared.json("rollback", "rb", "--to", "1")["version"] == 1
+    back = shared.json("rollback", "rb")
+    assert back["changed"] and (back["version"], back["previous"]) == (3, 1)
+    assert infer(url, "rb")["model_version"] == "3"
+    assert shared.json("rollback", "rb")["version"] == 1  # and again: the one before that
+    states = {v["version"]: v["state"] for v in shared.json("versions", "rb")}
+    assert states == {1: "active", 2: "retired", 3: "standby"}
+    shared.ok("undeploy", "rb")
+
 def test_identical_redeploy_is_a_no_op(shared, affine_v1, tmp_path):
     copy = tmp_path / "same.onnx"
     shutil.copy(affine_v1, copy)
