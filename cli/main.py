@@ -83,12 +83,41 @@ def main(
     pass
 
 
+def _click_exceptions():
+    """Click's exceptions: Typer 0.28 carries its own copy of Click (``typer._click``)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    if not hasattr(exceptions, "NoArgsIsHelpError"):  # Click before 8.2
+        exceptions.NoArgsIsHelpError = type("NoArgsIsHelpError", (Exception,), {})
+    return exceptions
+
+
 def run() -> None:
     """Console entry point: user errors become one 'Error:' line and exit 1 (2 for bad
     usage, see ``render.BadUsage``)."""
+    click = _click_exceptions()
     command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else None
     try:
-        build(command)()
+        # not standalone: Click's own usage errors come here to be said as ours are, one
+        # 'Error:' line (Typer draws them in a box, with a usage line, even into a pipe)
+        code = build(command)(standalone_mode=False, prog_name="mserve")
+    except click.NoArgsIsHelpError as exc:  # `mserve daemon`: its help, exit 2
+        if text := exc.format_message().strip():  # (Typer's rich help printed it already)
+            sys.stderr.write(text + "\n")
+        sys.exit(2)
+    except click.UsageError as exc:
+        sys.stderr.write(f"Error: {exc.format_message()}\n")
+        where = exc.ctx.command_path if exc.ctx is not None else "mserve"
+        sys.stderr.write(f"Hint: see '{where} --help'\n")
+        sys.exit(2)
+    except click.ClickException as exc:
+        sys.stderr.write(f"Error: {exc.format_message()}\n")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.stderr.write("Error: interrupted\n")
+        sys.exit(130)
     except MserveError as exc:
         sys.stderr.write(f"Error: {exc.message}\n")
         if exc.hint:
@@ -97,6 +126,8 @@ def run() -> None:
     except KeyboardInterrupt:
         sys.stderr.write("Error: interrupted\n")
         sys.exit(130)
+    if isinstance(code, int) and code:  # typer.Exit(code) from a command
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,26 @@ def test_version():
     assert out.strip() == f"mserve {version('mserve')}"
 
 
-@pytest.mark.parametrize("args", [["deploy"], ["list", "--bogus"], ["deploy", "x.onnx",
-                                                                      "--port", "notaport"]])
-def test_usage_errors_exit_2(args):
+@pytest.mark.parametrize("args, says", [
+    (["deploy"], "Missing argument"), (["list", "--bogus"], "No such option: --bogus"),
+    (["deploy", "x.onnx", "--port", "notaport"], "'--port'"),
+    (["deploy", "x.onnx", "--port", "99999"], "'--port'"),
+    (["deploy", "x.onnx", "--batching", "maybe"], "'--batching'"),
+    (["daemon", "bogus"], "No such command 'bogus'")])
+def test_usage_errors_exit_2_with_one_error_line(args, says):
+    """SPEC: errors go to stderr as one line starting 'Error:' (plus an optional hint line):
+    Click's own usage errors too, not Typer's box with a usage line."""
     result = subprocess.run(CLI + args, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Error: ") and says in lines[0], result.stderr
+    assert len(lines) == 2 and lines[1].startswith("Hint: see 'mserve"), result.stderr
+
+
+def test_no_command_prints_the_help_and_exits_2():
+    result = subprocess.run(CLI, capture_output=True, text=True)
+    assert result.returncode == 2 and "Usage" in result.stdout and "deploy" in result.stdout
+    assert result.stdout.count("Usage") == 1
 
 
 HEAVY = ("numpy", "onnxruntime", "uvicorn", "rich", "starlette", "httpx", "grpc",
