@@ -62,7 +62,8 @@ class Control:
         """Stop taking gRPC calls; those in flight get the drain time. Idempotent."""
         if self.grpc is not None and self._grpc_stop is None:
             grace = self.config.get("drain_s", 30)
-            self._grpc_stop = asyncio.ensure_future(self.grpc.stop(grace))
+            shared = bool(self.config.get("handoff_socket"))  # a --workers group's process
+            self._grpc_stop = asyncio.ensure_future(self.grpc.stop(grace, shared))
         return self._grpc_stop
 
     async def handle(self, msg: dict) -> dict:

@@ -153,13 +153,23 @@ class GrpcServer:
         retired.add_done_callback(lambda _: self.retiring.remove(old))
         return True
 
-    async def stop(self, grace: float) -> None:
+    async def stop(self, grace: float, shared: bool = False) -> None:
         """Drain, then stop. Health turns NOT_SERVING at once (watchers are told), new
         inference gets UNAVAILABLE, open streams end with UNAVAILABLE once they answered
         what they had read, and the calls in progress get up to ``grace`` seconds. The port
-        keeps answering meanwhile, so a probe reads NOT_SERVING, not a refused connection."""
-        self.servicer.drain()
+        keeps answering meanwhile, so a probe reads NOT_SERVING, not a refused connection.
+        ``shared``: siblings of a ``--workers`` group serve the port, so this process stops
+        listening and sends its clients away (GOAWAY) at once, serving what they still send
+        until they have moved; nothing is refused."""
         self.health.drain()
+        if shared:
+            self.servicer.drain(refuse=False)
+            async with self._changing:
+                servers = [self.server, *self.retiring]
+            await asyncio.gather(*(server.stop(grace) for server in servers))
+            self.servicer.pool.shutdown(wait=False)
+            return
+        self.servicer.drain()
         await self.servicer.inflight.idle(grace)
         # what is left: health watches sending their last status (they then end), and
         # calls past the grace, cut after a last second

@@ -91,16 +91,20 @@ class Servicer:
         self.s = serving
         self.limits = Limits(settings or Settings.from_env(), max_message, serving.metrics)
         self.inflight = InFlight()  # every call but health's
-        self.draining = False
+        self.draining = self.refusing = False
         self.streams: set = set()  # the open ModelStreamInfer calls (grpc_stream.Stream)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-codec")
         self.unrecorded: list[Call] = []  # answered calls whose accounting waits (_record)
         self._record_due = False
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def drain(self) -> None:
-        """Take no new inference; open streams end once they answered what they read."""
+    def drain(self, refuse: bool = True) -> None:
+        """Open streams end once they answered what they read; with ``refuse``, new
+        inference is refused (UNAVAILABLE). A process of a ``--workers`` group serves the
+        calls that still come on its connections (its clients are sent to its siblings by
+        GOAWAY), so that leaving the group fails none."""
         self.draining = True
+        self.refusing = refuse
         for stream in list(self.streams):
             stream.drain()
 
@@ -181,7 +185,7 @@ class Servicer:
         chosen; ``call.version`` says which. Everything cheap is checked against the
         version's inputs before a tensor is decoded."""
         s = self.s
-        if self.draining:
+        if self.refusing:
             raise Unavailable(f"deployment '{s.name}' is shutting down; retry shortly")
         decoding = time.perf_counter()
         large = len(raw) >= OFFLOAD_BYTES

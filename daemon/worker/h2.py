@@ -46,6 +46,8 @@ STREAM_WINDOW = 1 << 20  # each stream's receive window (advertised)
 CONNECTION_WINDOW = 1 << 24
 PREFACE_TIMEOUT_S = 10.0
 RESETS_PER_S, RESET_WINDOW_S = 200, 10.0
+GOAWAY_PING, GOAWAY_WAIT_S = b"mserve\x00g", 1.0  # the PING between the two GOAWAYs
+END_LINGER_S = 2.0  # how long a half-closed connection waits for the client's close
 
 
 def preface_timeout(environ=os.environ) -> float:
@@ -76,7 +78,9 @@ class Connection(asyncio.Protocol):
         self.send = self.out.send
         self.received = 0  # connection-level bytes not yet given back
         self.continuing: tuple[int, int, bytearray] | None = None  # stream, flags, block
-        self.going_away = False
+        self.going_away = False  # the last GOAWAY was sent (or the client's received)
+        self.goaway_due = None  # the first GOAWAY was sent: the timer of the last one
+        self.ended = False  # half-closed, waiting for the client to close (_end)
         self.resets, self.resets_since = 0, 0.0
         self.peername = None
 
@@ -95,6 +99,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.preface_due.cancel()
+        if self.goaway_due is not None:
+            self.goaway_due.cancel()
         for stream in list(self.streams.values()):
             self._reset_local(stream)
         self.streams.clear()
@@ -110,6 +116,8 @@ class Connection(asyncio.Protocol):
 
     # ---- reading ----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.ended:  # half-closed: nothing more is answered
+            return
         buf = self.buffer
         buf += data
         try:
@@ -160,6 +168,8 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError(FRAME_SIZE_ERROR, "a malformed PING")
             if not flags & ACK:
                 self.transport.write(frame(PING, ACK, 0, payload))
+            elif payload == GOAWAY_PING and self.goaway_due is not None:
+                self._last_goaway()  # the client has read the first GOAWAY
         elif kind == RST_STREAM:
             self._count_reset()
             if (stream := self.streams.pop(stream_id, None)) is not None:
@@ -167,7 +177,7 @@ class Connection(asyncio.Protocol):
                 if stream.peer is not None:
                     stream.peer.on_reset()
                 if self.going_away and not self.streams:
-                    self.transport.close()
+                    self._end()
         elif kind == GOAWAY:
             self.going_away = True
             if not self.streams:
@@ -209,7 +219,7 @@ class Connection(asyncio.Protocol):
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
         if self.going_away and not self.streams:
-            self.transport.close()
+            self._end()
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if flags & PADDED:
@@ -316,7 +326,7 @@ class Connection(asyncio.Protocol):
         if stream.ended_remote:
             self.streams.pop(stream.id, None)
         if self.going_away and not self.streams:
-            self.transport.close()
+            self._end()
 
     def _reset_local(self, stream: Stream) -> None:
         stream.closed = True
@@ -324,17 +334,48 @@ class Connection(asyncio.Protocol):
             stream.peer.on_reset()
 
     def goaway(self) -> None:
-        """Take no new stream; close once the open ones end."""
-        if self.transport is None or self.transport.is_closing():
+        """Take no new stream; close once the open ones end. In two steps (RFC 9113 6.8): a
+        GOAWAY naming the largest stream id and a PING, then, once the PING's answer says
+        the client has read it (or after GOAWAY_WAIT_S), a GOAWAY naming the last stream it
+        opened. A call the client sent meanwhile is served, not refused, and none is lost
+        to a close the client had not yet read of (it opens new calls elsewhere)."""
+        if self.transport is None or self.transport.is_closing() or self.going_away \
+                or self.goaway_due is not None:
+            return
+        self.transport.write(frame(GOAWAY, 0, 0, _HEADER.pack(0x7FFFFFFF)
+                                   + _HEADER.pack(NO_ERROR)) + frame(PING, 0, 0, GOAWAY_PING))
+        self.goaway_due = asyncio.get_running_loop().call_later(GOAWAY_WAIT_S, self._last_goaway)
+
+    def _last_goaway(self) -> None:
+        if self.goaway_due is not None:
+            self.goaway_due.cancel()
+        if self.transport is None or self.transport.is_closing() or self.going_away:
             return
         self.going_away = True
         self.transport.write(frame(GOAWAY, 0, 0, _HEADER.pack(self.last_stream)
                                    + _HEADER.pack(NO_ERROR)))
         if not self.streams:
-            self.transport.close()
+            self._end()
+
+    def _end(self) -> None:
+        """Going away with no stream left: end the connection, half-closed first (our FIN
+        follows all we wrote) and what the client still sends dropped until it closes, or
+        for END_LINGER_S: closing with its bytes unread would make the kernel reset the
+        connection, and a reset can destroy answers the client has not read yet."""
+        transport = self.transport
+        if transport.is_closing() or self.ended:
+            return
+        if not transport.can_write_eof():  # TLS
+            transport.close()
+            return
+        self.ended = True
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(END_LINGER_S, transport.close)
 
     def close(self, code: int = NO_ERROR) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is not None and self.ended:
+            self.transport.close()
+        elif self.transport is not None and not self.transport.is_closing():
             self.transport.write(frame(GOAWAY, 0, 0, _HEADER.pack(self.last_stream)
                                        + _HEADER.pack(code)))
             self.transport.close()

@@ -48,6 +48,7 @@ from mserve.daemon.worker.wire import (Handler, Request, Response, answer_bytes,
 
 log = logging.getLogger("mserve.worker")
 MAX_HEADER_BYTES = 64 * 1024
+DRAIN_QUIET_S = 0.5  # at a drain, how long a connection must have been idle to be closed
 MAX_PIPELINED = 32  # requests read ahead on one connection before reading pauses
 # Only inference answers are compressed, as Triton does: tritonclient.http.aio turns
 # aiohttp's decompression off and reads every other answer as plain JSON.
@@ -410,5 +411,14 @@ class Connection(Guarded, asyncio.Protocol):
         self._start_answering()
 
     def close_when_idle(self) -> None:
-        if not self.busy and not self.waiting:
+        """At a drain: close once no request is on its way. One being read or answered
+        closes after its answer (``Connection: close``); one idle for less than
+        ``DRAIN_QUIET_S`` is given that long, since a client sending back to back may have
+        its next request on the wire (it is answered, then closed)."""
+        if self.busy or self.waiting or self.phase != IDLE or self.transport.is_closing():
+            return
+        idle_for = self.loop.time() - self.since
+        if idle_for >= DRAIN_QUIET_S:
             self._close()
+        else:
+            self.loop.call_later(DRAIN_QUIET_S - idle_for, self.close_when_idle)
