@@ -8,11 +8,16 @@ import sys
 import time
 
 from mserve.cli.client import DaemonClient, DaemonUnavailable
+from mserve.daemon import envnumbers
 from mserve.daemon import paths as paths_mod
 from mserve.daemon import workerrecord
 from mserve.daemon.errors import MserveError
 
-START_TIMEOUT_S = float(os.environ.get("MSERVE_START_TIMEOUT", "60"))
+START_TIMEOUT_S = 60.0  # MSERVE_START_TIMEOUT
+
+
+def start_timeout() -> float:
+    return envnumbers.number("MSERVE_START_TIMEOUT", START_TIMEOUT_S)
 EXIT_ALREADY_RUNNING = 3
 
 
@@ -40,7 +45,8 @@ def start(paths: paths_mod.Paths) -> int:
         proc = subprocess.Popen([sys.executable, "-m", "mserve.daemon"], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     c = DaemonClient(str(paths.socket))
-    deadline = time.monotonic() + START_TIMEOUT_S
+    limit = start_timeout()
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
             return c.status(timeout=max(0.1, deadline - time.monotonic()))["pid"]
@@ -53,7 +59,7 @@ def start(paths: paths_mod.Paths) -> int:
             raise MserveError(f"the daemon failed to start: {_last_line(paths.daemon_log)}",
                               hint=f"see the log: {paths.daemon_log}")
         time.sleep(0.05)
-    raise MserveError(f"the daemon did not answer within {START_TIMEOUT_S:.0f} s",
+    raise MserveError(f"the daemon did not answer within {limit:.0f} s",
                       hint=f"see the log: {paths.daemon_log}")
 
 

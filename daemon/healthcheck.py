@@ -6,23 +6,23 @@ supervisor and restarted like a crashed one, with the reason recorded."""
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 
+from mserve.daemon import envnumbers
 from mserve.daemon.errors import MserveError
 
 
 def interval_s() -> float:
-    return float(os.environ.get("MSERVE_HEALTH_INTERVAL", "2"))
+    return envnumbers.number("MSERVE_HEALTH_INTERVAL", 2.0, minimum=0.01)
 
 
 def timeout_s() -> float:
-    return float(os.environ.get("MSERVE_HEALTH_TIMEOUT", "3"))
+    return envnumbers.number("MSERVE_HEALTH_TIMEOUT", 3.0, minimum=0.01)
 
 
 def failures_allowed() -> int:
     """Consecutive failed checks after which the worker is replaced."""
-    return max(1, int(os.environ.get("MSERVE_HEALTH_FAILURES", "3")))
+    return int(envnumbers.number("MSERVE_HEALTH_FAILURES", 3, minimum=1, integer=True))
 
 
 async def problem(worker, timeout: float, http: bool = True) -> str | None:

@@ -22,6 +22,7 @@ import uvicorn
 from mserve.daemon import paths as paths_mod
 from mserve.daemon.control import build_app
 from mserve.daemon.deployments import Deployments, drain_timeout
+from mserve.daemon.envnumbers import check_daemon_settings
 from mserve.daemon.errors import MserveError
 from mserve.daemon.fdlimit import raise_fd_limit
 from mserve.daemon.statecheck import open_state, read_only_guard
@@ -83,6 +84,7 @@ def run() -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT or ``mserve daemon stop``."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_daemon_settings()
     paths = paths_mod.resolve()
     paths_mod.ensure_private_dir(paths.home)
     paths_mod.ensure_private_dir(paths.logs)

@@ -35,6 +35,28 @@ def test_bad_usage_exits_2_before_reaching_the_daemon(shared, affine_v1):
     shared.ok("undeploy", "usage")
 
 
+@pytest.mark.parametrize("variable, value, says", [
+    ("MSERVE_START_TIMEOUT", "abc", "MSERVE_START_TIMEOUT must be a number, got 'abc'"),
+    ("MSERVE_LOAD_TIMEOUT", "abc", "MSERVE_LOAD_TIMEOUT must be a number, got 'abc'"),
+    ("MSERVE_DRAIN_TIMEOUT", "1s", "MSERVE_DRAIN_TIMEOUT must be a number, got '1s'"),
+    ("MSERVE_HEALTH_FAILURES", "0", "MSERVE_HEALTH_FAILURES must be at least 1, got '0'")])
+def test_a_bad_number_in_the_environment_is_named_not_a_traceback(tmp_path, variable, value,
+                                                                   says):
+    """SPEC: no traceback for a user error. A bad MSERVE_START_TIMEOUT was a traceback from
+    the CLI's import, a bad MSERVE_LOAD_TIMEOUT an 'internal error in the daemon' at the
+    first deploy, a bad MSERVE_DRAIN_TIMEOUT a daemon dead of a ValueError."""
+    from tests.conftest import Mserve
+
+    fresh = Mserve(tmp_path / "home")
+    try:
+        result = fresh.run("list", env={variable: value})
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("Error: ") and says in result.stderr, result.stderr
+        assert fresh.daemon_pid() is None
+    finally:
+        fresh.cleanup()
+
+
 def test_bad_usage_starts_no_daemon(tmp_path, affine_v1):
     from tests.conftest import Mserve
 

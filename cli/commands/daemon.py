@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import time
 from typing import Annotated
 
@@ -10,6 +9,7 @@ from mserve.cli import autostart
 from mserve.cli.client import DaemonClient, DaemonUnavailable
 from mserve.cli.commands.logs import tail_text
 from mserve.cli.render import JsonOption, duration, emit_json, say
+from mserve.daemon import envnumbers
 from mserve.daemon import paths as paths_mod
 from mserve.daemon import workerrecord
 from mserve.daemon.errors import MserveError
@@ -19,7 +19,7 @@ app = typer.Typer(help="Start, stop and inspect the background daemon.", no_args
 
 def _client() -> tuple[paths_mod.Paths, DaemonClient]:
     paths = paths_mod.resolve()
-    return paths, DaemonClient(str(paths.socket), timeout=autostart.START_TIMEOUT_S)
+    return paths, DaemonClient(str(paths.socket), timeout=autostart.start_timeout())
 
 
 @app.command()
@@ -98,7 +98,7 @@ def stop(
 
 
 def _wait_gone(pid: int, paths: paths_mod.Paths) -> None:
-    deadline = time.monotonic() + float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30")) + 15
+    deadline = time.monotonic() + envnumbers.number("MSERVE_DRAIN_TIMEOUT", 30.0) + 15
     while time.monotonic() < deadline:
         if not workerrecord.running(pid):  # a zombie has exited: its parent may reap it late
             return

@@ -8,7 +8,6 @@ its standalone mode; the worker is imported only here, never at CLI start-up.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from mserve.cli.commands.deploy import (BATCHING_HELP, DEVICE_HELP, LOOPBACK, Ba
                                         TransformerOption, check_device)
 from mserve.cli.render import BadUsage
 from mserve.cli.tokens import RequireTokenOption, TokenFileOption
+from mserve.daemon import envnumbers
 from mserve.daemon.errors import BadRequest
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import MAX_THREADS, THREADS_HELP, hash_token, parse_workers
@@ -111,7 +111,7 @@ def serve(
     config = {"name": name, "host": host, "port": port, "standalone": True,
               "token_hash": hash_token(token),
               "options": options, "bind_retry_s": 0,
-              "drain_s": float(os.environ.get("MSERVE_DRAIN_TIMEOUT", "30")),
+              "drain_s": envnumbers.number("MSERVE_DRAIN_TIMEOUT", 30.0),
               "drain_grace_s": drain_grace,
               "versions": [{"number": number, "path": str(model.absolute()), "active": True,
                             "transformer": _script(transformer)}]}
