@@ -111,7 +111,11 @@ def free_port(host: str, taken: set[int]) -> int:
     for _ in range(50):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
+            try:
+                s.bind((host, 0))
+            except OSError as exc:  # a name that does not resolve, an address not ours
+                raise BadRequest(f"cannot serve on --host {host!r}: "
+                                 f"{exc.strerror or exc}") from None
             port = s.getsockname()[1]
         if port not in taken:
             return port

@@ -78,6 +78,17 @@ def test_public_host_without_token_warns(shared, affine_v1):
     shared.ok("undeploy", "closed")
 
 
+@pytest.mark.parametrize("host, why", [("nonexistent.invalid", "Name or service not known"),
+                                       ("192.0.2.1", "Cannot assign requested address")])
+def test_a_host_that_cannot_be_bound_is_said_plainly(shared, affine_v1, host, why):
+    """It was 'internal error in the daemon: [Errno -2] ...', with a traceback in its log."""
+    error = shared.fail("deploy", affine_v1, "--name", "nohost", "--host", host,
+                        env={"MSERVE_TOKEN": "t"})
+    assert error.splitlines()[-1] == f"Error: cannot serve on --host '{host}': {why}", error
+    assert "nohost" not in {d["name"] for d in shared.json("list")}
+    assert "Traceback" not in shared.ok("daemon", "logs", "-n", "50").stdout
+
+
 def test_external_data_outside_the_model_folder_is_refused(shared, tmp_path):
     """A model file is untrusted input: its external-data paths may not leave its folder."""
     secret = tmp_path / "secret.bin"
