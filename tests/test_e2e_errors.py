@@ -102,6 +102,19 @@ def test_a_model_that_could_not_run_names_its_version(shared, model_dir):
         shared.run("undeploy", "errlookup")
 
 
+def test_metadata_readiness_and_config_name_the_version_that_answered(errs, shared):
+    """SPEC: X-Model-Version on every answer for which a version was chosen: a pinned (or
+    labelled) GET chooses one as an inference does; an unpinned one describes the active."""
+    url, active = errs["url"], str(shared.deployment("errs")["version"])
+    shared.json("label", "errs", "meta", "1")
+    for base, version in (("", active), ("/versions/1", "1"), ("/labels/meta", "1")):
+        for op in ("", "/ready", "/config"):
+            r = httpx.get(f"{url}/v2/models/errs{base}{op}")
+            assert r.status_code == 200 and r.headers["x-model-version"] == version, \
+                (base, op, r.headers)
+    assert "x-model-version" not in httpx.get(f"{url}/v2/models/errs/versions/9").headers
+
+
 def test_no_version_chosen_no_header(errs, shared, affine_v1):
     url = errs["url"]
     for r in (httpx.post(url + "/v2/models/errs/versions/9/infer", json={"inputs": []}),

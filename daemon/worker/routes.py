@@ -96,7 +96,9 @@ async def get(s: Serving, path: str):
     if (m := V2_MODEL.fullmatch(path)) and m["op"] != "/infer":
         if m["op"] == "/stats":
             return _json({"model_stats": await _statistics(s, m)})
-        return _json(_v2_model(s, m))
+        document, number = _v2_model(s, m)
+        status, body, headers = _json(document)
+        return status, body, [*headers, (b"x-model-version", str(number).encode())]
     if (m := V1_MODEL.fullmatch(path)) and not m["op"]:
         return _json(v1_status(s, m["name"], m["version"], m["label"]))
     raise unrouted("GET", path)
@@ -108,15 +110,17 @@ async def _statistics(s: Serving, m: re.Match) -> list[dict]:
     return await s.siblings.statistics(model.number if pinned else None)
 
 
-def _v2_model(s: Serving, m: re.Match) -> dict:
+def _v2_model(s: Serving, m: re.Match) -> tuple[dict, int]:
+    """A model's metadata, readiness or configuration, and the version that answered (the
+    pinned one, or the active one): X-Model-Version, as every answer of a chosen version."""
     pinned = m["version"] is not None or m["label"] is not None
     model = s.model(m["name"], m["version"], m["label"]) if pinned else _active(s, m["name"])
     if m["op"] == "/ready":
-        return {"name": s.name, "ready": True}
+        return {"name": s.name, "ready": True}, model.number
     if m["op"] == "/config":
-        return model_config(s.name, model, s.options, versions=sorted(s.models))
+        return model_config(s.name, model, s.options, versions=sorted(s.models)), model.number
     return codecs.model_metadata(s.name, [str(n) for n in sorted(s.models)], model.inputs,
-                                 model.outputs)
+                                 model.outputs), model.number
 
 
 def _active(s: Serving, name: str) -> LoadedModel:
