@@ -100,6 +100,9 @@ class Deployer:
                         "sha256": artifact.sha256, "signature_changed": [],
                         "options_changed": changed,
                         "deployment": self.d.describe(self.d.get(name))}
+            if options == existing["options"] and token_hash == existing["token_hash"] \
+                    and (again := await self._same_canary(existing, artifact.sha256, req)):
+                return again
         number = self.d.state.next_version(name)
         version = {"number": number, "sha256": artifact.sha256, "size": artifact.size,
                    "source": artifact.source,
@@ -139,6 +142,29 @@ class Deployer:
                 "transformer": version["transformer"],
                 "previous": existing["active_version"] if existing else None,
                 "signature_changed": changes, "deployment": self.d.describe(d)}
+
+    async def _same_canary(self, d: dict, sha256: str, req: dict) -> dict | None:
+        """``deploy --canary P`` of the bytes of the version that is the canary already (a
+        CI job run again): no new version; its share becomes P if it was another. None when
+        it is not such a deploy."""
+        canary = canary_percent(req, d)
+        active, split = d["active_version"], d["traffic"] or {}
+        same = next((n for n in split if n != active
+                     and (self.d.state.version(d["name"], n) or {}).get("sha256") == sha256),
+                    None)
+        if canary is None or same is None or len(split) != 2:
+            return None
+        name, changed = d["name"], split[same] != canary
+        if changed:
+            new_split = {active: 100 - canary, same: canary}
+            await self.d.apply(d, Plan(active, new_split, d["labels"], self.d._standby(d)))
+            await self.d.record_or_revert(name, lambda: self.d.state.record_traffic(
+                name, new_split, "deploy", f"canary version {same} at {canary}%"))
+        log.info("deploy of %s: identical to canary version %s, %s", name, same,
+                 f"its share now {canary}%" if changed else "nothing changed")
+        return {"changed": changed, "name": name, "version": same, "sha256": sha256,
+                "signature_changed": [], "options_changed": ["canary"] if changed else [],
+                "deployment": self.d.describe(self.d.get(name))}
 
     async def _record_or_undo(self, d: dict | None, version: dict, row: dict,
                               canary: int | None = None) -> None:

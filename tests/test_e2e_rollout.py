@@ -54,6 +54,27 @@ def test_a_90_10_split_is_honoured(shared, versions):
     shared.ok("undeploy", "split")
 
 
+def test_a_canary_deployed_again_is_no_new_version(shared, versions):
+    """CI runs `deploy new.onnx --canary 10` on every push: the same bytes again are the
+    same canary (it made versions 3, 4, 5 of one sha256), another share moves its split."""
+    shared.json("deploy", versions[0], "--name", "again")
+    first = shared.json("deploy", versions[1], "--name", "again", "--canary", "10")
+    assert first["changed"] and first["version"] == 2
+    again = shared.json("deploy", versions[1], "--name", "again", "--canary", "10")
+    assert not again["changed"] and again["version"] == 2, again
+    assert "nothing changed" in shared.ok("deploy", versions[1], "--name", "again",
+                                          "--canary", "10").stdout.lower()
+    moved = shared.json("deploy", versions[1], "--name", "again", "--canary", "30")
+    assert moved["changed"] and moved["version"] == 2, moved
+    split = shared.json("traffic", "again")["split"]
+    assert [(s["version"], s["percent"]) for s in split] == [(1, 70), (2, 30)]
+    assert [v["version"] for v in shared.json("versions", "again")] == [1, 2]
+    # new bytes as a canary are a new version, as before
+    third = shared.json("deploy", versions[2], "--name", "again", "--canary", "10")
+    assert third["changed"] and third["version"] == 3
+    shared.ok("undeploy", "again")
+
+
 def test_sticky_header_keeps_each_user_on_one_version_until_turned_off(shared, versions):
     shared.json("deploy", versions[0], "--name", "sticky")
     shared.json("deploy", versions[1], "--name", "sticky", "--canary", "50",
