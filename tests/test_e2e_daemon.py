@@ -106,6 +106,19 @@ def test_stop_returns_once_the_daemon_exited_though_its_parent_has_not_reaped_it
         proc.wait()
 
 
+def test_the_daemon_log_as_json(mserve):
+    """SPEC: every command that prints data takes --json (`mserve logs --json` printed the
+    daemon log as text; `mserve daemon logs --json` was 'No such option')."""
+    started = mserve.json("daemon", "start")
+    for args in (("logs",), ("daemon", "logs")):
+        entries = mserve.json(*args, "-n", "5")
+        assert 1 <= len(entries) <= 5
+        assert entries[-1]["message"] == f"daemon ready on {started['socket']}", entries
+        assert {e["level"] for e in entries} == {"INFO"}
+        assert all(e["time"].endswith("Z") and e["logger"] == "mserve.daemon" for e in entries)
+    assert mserve.json("logs", "--since", "1h")[0]["message"].startswith("daemon ")
+
+
 def test_a_long_home_gets_a_short_socket(tmp_path):
     from tests.conftest import Mserve
 

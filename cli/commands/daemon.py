@@ -7,7 +7,7 @@ import typer
 
 from mserve.cli import autostart
 from mserve.cli.client import DaemonClient, DaemonUnavailable
-from mserve.cli.commands.logs import tail_text
+from mserve.cli.commands.logs import daemon_log
 from mserve.cli.render import JsonOption, duration, emit_json, say
 from mserve.daemon import envnumbers
 from mserve.daemon import paths as paths_mod
@@ -144,12 +144,13 @@ def run() -> None:
 def logs(
     lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="How many last lines.")] = 50,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines.")] = False,
+    json_out: JsonOption = False,
 ) -> None:
     """Print the daemon's log (the same as `mserve logs` without a name).
 
     Example: mserve daemon logs -n 100
     """
-    tail_text(paths_mod.resolve().daemon_log, lines, follow)
+    daemon_log(paths_mod.resolve().daemon_log, lines, follow, json_out)
 
 
 @app.command()

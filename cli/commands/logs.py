@@ -35,7 +35,7 @@ def logs(
     window = parse_since(since) if since is not None else None  # bad usage first: exit 2
     paths = paths_mod.resolve()
     if name is None:
-        tail_text(paths.daemon_log, lines, follow)
+        daemon_log(paths.daemon_log, lines, follow, json_out, window)
         return
     path = paths.request_log(name)
     if not path.exists():
@@ -76,6 +76,54 @@ def tail_text(path: Path, lines: int, follow: bool) -> None:
                 sys.stdout.flush()
             else:
                 time.sleep(0.2)
+
+
+# the daemon log's lines: "2026-12-03 05:54:02,270 INFO mserve.daemon: message"
+LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\w+) ([\w.]+): (.*)")
+
+
+def daemon_log(path: Path, lines: int, follow: bool, as_json: bool,
+               window: float | None = None) -> None:
+    """The daemon log as text, or (``as_json``) as entries {time (UTC), level, logger,
+    message}; a line of another shape (a traceback's, a starting daemon's 'Error:') is an
+    entry of its own with level and logger null. ``window``: only entries that new."""
+    if not as_json and window is None:
+        tail_text(path, lines, follow)
+        return
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        raise MserveError(f"no log yet at {path}") from None
+    cutoff = time.time() - window if window is not None else None
+    entries = [(line, e) for line in text.splitlines() if (e := log_entry(line))
+               and (cutoff is None or (e["time"] is not None and _epoch(e["time"]) >= cutoff))]
+    entries = entries[-lines:] if lines else entries
+    if as_json and not follow:
+        emit_json([e for _, e in entries])
+        return
+    for line, e in entries:
+        sys.stdout.write(json.dumps(e) + "\n" if as_json else line + "\n")
+    sys.stdout.flush()
+    if follow:
+        with open(path, errors="replace") as f:
+            f.seek(0, 2)
+            while True:
+                line = f.readline()
+                if not line:
+                    time.sleep(0.2)
+                    continue
+                e = log_entry(line.rstrip("\n"))
+                sys.stdout.write(json.dumps(e) + "\n" if as_json else line)
+                sys.stdout.flush()
+
+
+def log_entry(line: str) -> dict:
+    m = LOG_LINE.fullmatch(line)
+    if m is None:
+        return {"time": None, "level": None, "logger": None, "message": line}
+    local = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S"))  # logging's local time
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(local)) + f".{m[2]}Z"
+    return {"time": stamp, "level": m[3], "logger": m[4], "message": m[5]}
 
 
 def _read(path: Path) -> list[dict]:
