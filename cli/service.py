@@ -16,10 +16,23 @@ import sys
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from mserve.daemon.paths import Paths
+from mserve.daemon.paths import APP, Paths
 
-UNIT = "mserve.service"
+UNIT = "mserve"  # the default home's unit; another MSERVE_HOME's gets "mserve-HASH"
 AGENT = "dev.mserve.daemon"
+
+
+def unit_name(paths: Paths) -> str:
+    """The service's name for this home: two homes are two installations, so two units
+    (they overwrote one another). The default home keeps the plain name."""
+    import hashlib
+
+    import platformdirs
+
+    default = Path(platformdirs.user_data_dir(APP, appauthor=False))
+    if paths.home == default:
+        return UNIT
+    return f"{UNIT}-{hashlib.sha256(str(paths.home).encode()).hexdigest()[:8]}"
 
 
 def manager() -> str:
@@ -31,11 +44,15 @@ def command() -> list[str]:
     return [sys.executable, "-m", "mserve.daemon"]  # ``mserve daemon run``, exit 3 if running
 
 
-def unit_path(kind: str) -> Path:
+def unit_path(kind: str, paths: Paths) -> Path:
     if kind == "launchd":
-        return Path.home() / "Library" / "LaunchAgents" / f"{AGENT}.plist"
+        return Path.home() / "Library" / "LaunchAgents" / f"{agent_label(paths)}.plist"
     config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config) / "systemd" / "user" / UNIT
+    return Path(config) / "systemd" / "user" / f"{unit_name(paths)}.service"
+
+
+def agent_label(paths: Paths) -> str:
+    return AGENT + unit_name(paths)[len(UNIT):].replace("-", ".")
 
 
 def systemd_unit(paths: Paths) -> str:
@@ -73,7 +90,7 @@ def launchd_agent(paths: Paths) -> str:
 <!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
 <plist version="1.0">
 <dict>
-  <key>Label</key><string>{AGENT}</string>
+  <key>Label</key><string>{agent_label(paths)}</string>
   <key>ProgramArguments</key>
   <array>{args}
   </array>
@@ -96,10 +113,11 @@ def render(kind: str, paths: Paths) -> str:
     return launchd_agent(paths) if kind == "launchd" else systemd_unit(paths)
 
 
-def next_steps(kind: str, path: Path) -> list[str]:
+def next_steps(kind: str, path: Path, paths: Paths) -> list[str]:
     """The commands that load the unit (after ``mserve daemon stop --keep-serving`` when a
     daemon runs already: the service's daemon then adopts its workers)."""
     if kind == "launchd":
         return [f"launchctl load -w {shlex.quote(str(path))}"]
-    return ["systemctl --user daemon-reload", "systemctl --user enable --now mserve",
+    return ["systemctl --user daemon-reload",
+            f"systemctl --user enable --now {unit_name(paths)}",
             "loginctl enable-linger $USER   # keep serving after you log out"]

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,8 @@ def test_install_writes_a_systemd_user_unit(mserve, tmp_path):
     printed = mserve.ok("daemon", "install", "--print", env=env).stdout
     assert not (tmp_path / "config").exists()  # --print writes nothing
     result = mserve.json("daemon", "install", env=env)
-    path = tmp_path / "config" / "systemd" / "user" / "mserve.service"
+    units = tmp_path / "config" / "systemd" / "user"
+    [path] = units.glob("mserve-*.service")  # not the default home: a unit of its own
     assert result["path"] == str(path) and result["manager"] == "systemd"
     assert path.read_text() == printed
     fields = unit_fields(printed)
@@ -40,11 +42,30 @@ def test_install_writes_a_systemd_user_unit(mserve, tmp_path):
     assert f'"MSERVE_HOME={mserve.home}"' in fields["Environment"]
     assert "MSERVE_SUPERVISED=1" in fields["Environment"]
     assert fields["WantedBy"] == ["default.target"]
-    assert any("systemctl --user enable --now mserve" in step for step in result["next"])
+    assert f"systemctl --user enable --now {path.stem}" in result["next"]
     if shutil.which("systemd-analyze"):
         check = subprocess.run(["systemd-analyze", "verify", "--user", str(path)],
                                capture_output=True, text=True)
         assert "error" not in check.stderr.lower(), check.stderr
+
+
+def test_two_homes_install_two_units(mserve, tmp_path):
+    """SPEC: two MSERVE_HOMEs are two independent installations: the second install wrote
+    over the first one's mserve.service, and its service then ran the other home."""
+    from tests.conftest import Mserve
+
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    other = Mserve(tmp_path / "other")
+    try:
+        first = mserve.json("daemon", "install", env=env)
+        second = other.json("daemon", "install", env=env)
+        assert first["path"] != second["path"]
+        for result, m in ((first, mserve), (second, other)):
+            text = Path(result["path"]).read_text()
+            assert f'"MSERVE_HOME={m.home}"' in text, text
+        assert mserve.json("daemon", "install", env=env)["path"] == first["path"]  # its own
+    finally:
+        other.cleanup()
 
 
 def test_the_units_command_restarts_and_adopts(mserve, affine_v1, tmp_path):

@@ -167,7 +167,7 @@ def install(
     from mserve.cli import service
 
     paths, kind = paths_mod.resolve(), service.manager()
-    path, text = service.unit_path(kind), service.render(kind, paths)
+    path, text = service.unit_path(kind, paths), service.render(kind, paths)
     if print_only:
         typer.echo(text, nl=False)
         return
@@ -176,7 +176,7 @@ def install(
         path.write_text(text)
     except OSError as exc:
         raise MserveError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    steps = service.next_steps(kind, path)
+    steps = service.next_steps(kind, path, paths)
     if json_out:
         emit_json({"manager": kind, "path": str(path), "home": str(paths.home), "next": steps})
         return
