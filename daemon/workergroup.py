@@ -63,7 +63,9 @@ class WorkerGroup:
 
     @property
     def pid(self) -> int | None:
-        return next((w.pid for w in self.replicas if w.pid is not None), None)
+        """The first serving process's pid (one of ``pids``), else any process's."""
+        return next((p for p in self.pids if p is not None),
+                    next((w.pid for w in self.replicas if w.pid is not None), None))
 
     @property
     def pids(self) -> list[int | None]:

@@ -30,6 +30,7 @@ def test_bad_usage_exits_2_before_reaching_the_daemon(shared, affine_v1):
     assert "--since 'yesterday'" in stderr
     _usage(shared.fail("logs", "--since", "10", code=2))
     _usage(shared.fail("traffic", "usage", "1:100", code=2))
+    assert "version 1 is named twice" in shared.fail("traffic", "usage", "1=50", "01=50", code=2)
     assert shared.json("label", "usage", "stable", "1")["labels"] == {"stable": 1}
     shared.ok("logs", "usage", "--since", "10m")
     shared.ok("undeploy", "usage")
@@ -55,6 +56,22 @@ def test_a_bad_number_in_the_environment_is_named_not_a_traceback(tmp_path, vari
         assert fresh.daemon_pid() is None
     finally:
         fresh.cleanup()
+
+
+def test_what_a_deploy_or_rollback_did_is_what_it_says(shared, affine_v1, affine_v2):
+    """Options changed on the same bytes said 'Deployed words version 1'; a rollback that
+    stopped a canary said 'Rolled back words to version 1 (was 1)'."""
+    shared.ok("deploy", affine_v1, "--name", "words")
+    said = shared.ok("deploy", affine_v1, "--name", "words", "--max-queue", "77").stdout
+    assert said.startswith("words stays at version 1; changed: max_queue"), said
+    shared.ok("deploy", affine_v2, "--name", "words", "--canary", "10")
+    said = shared.ok("deploy", affine_v2, "--name", "words", "--canary", "10").stdout
+    assert said.startswith("words is already at canary version 2 with identical bytes"), said
+    said = shared.ok("deploy", affine_v2, "--name", "words", "--canary", "30").stdout
+    assert said.startswith("words: canary version 2 now takes 30% of traffic"), said
+    said = shared.ok("rollback", "words").stdout
+    assert said.startswith("Canary of words stopped: all traffic to version 1"), said
+    shared.ok("undeploy", "words")
 
 
 def test_bad_usage_starts_no_daemon(tmp_path, affine_v1):

@@ -147,8 +147,17 @@ def deploy(
         emit_json(answer)
         return
     d = answer["deployment"]
+    if answer.get("options_changed") == ["canary"]:  # the canary's bytes again
+        say(f"{answer['name']}: canary version {answer['version']} now takes {canary}% of "
+            f"traffic ({d['url']})")
+        return
+    if answer["changed"] and answer.get("options_changed"):  # same bytes, other options
+        say(f"{answer['name']} stays at version {answer['version']}; changed: "
+            f"{', '.join(answer['options_changed'])} ({d['url']})")
+        return
     if not answer["changed"]:
-        say(f"{answer['name']} is already at version {answer['version']} with identical "
+        which = "canary version" if answer["version"] != d.get("version") else "version"
+        say(f"{answer['name']} is already at {which} {answer['version']} with identical "
             f"bytes; nothing changed ({d['url']})")
         return
     share = f" as a canary taking {canary}% of traffic" if canary else ""

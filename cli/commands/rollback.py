@@ -21,6 +21,8 @@ def rollback(
     answer = autostart.client().rollback(name, to)
     if json_out:
         emit_json(answer)
+    elif answer.get("canary_stopped"):
+        say(f"Canary of {name} stopped: all traffic to version {answer['version']}")
     elif answer["changed"]:
         say(f"Rolled back {name} to version {answer['version']} (was {answer['previous']})")
     else:

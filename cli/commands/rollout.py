@@ -49,7 +49,9 @@ def parse_split(pairs: list[str]) -> dict[str, int]:
         version, sep, percent = pair.partition("=")
         if not sep or not version.isdigit() or not percent.isdigit():
             raise BadUsage(f"'{pair}' is not VERSION=PERCENT (e.g. 4=10)")
-        split[version] = int(percent)
+        if str(int(version)) in split:
+            raise BadUsage(f"version {int(version)} is named twice in the split")
+        split[str(int(version))] = int(percent)
     return split
 
 
