@@ -62,6 +62,7 @@ def test_kill_9_in_the_middle_of_a_deploy(mserve, affine_v1, tmp_path, point):
     finally:
         deploy.kill()
     assert deploy.returncode == 1 and err.startswith("Error: ") and "Traceback" not in err
+    assert "the daemon closed the connection before answering" in err, err  # was 'malformed'
     d = mserve.deployment("m")  # a fresh daemon, restored from SQLite
     assert d["version"] == 1 and d["status"] == "ready"
     versions = mserve.json("versions", "m")
