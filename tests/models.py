@@ -31,6 +31,16 @@ def affine(path: Path, scale: float = 1.0, bias: float = 0.0, width: int = 4) ->
     return _save(helper.make_graph(nodes, "affine", [x], [y], inits), path)
 
 
+def keras_style(path: Path) -> Path:
+    """y = inputs * 2 for an input named "inputs" (Keras and tf2onnx name their input so):
+    FP32 [N, 4]."""
+    x = helper.make_tensor_value_info("inputs", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    two = numpy_helper.from_array(np.array(2, dtype=np.float32), "two")
+    return _save(helper.make_graph([helper.make_node("Mul", ["inputs", "two"], ["y"])],
+                                   "keras_style", [x], [y], [two]), path)
+
+
 def mixed(path: Path) -> Path:
     """Two inputs of different dtypes, two outputs:
     a: FP32 [N, 3], b: INT64 [N, 3] -> sum = a + float(b) (FP32), count = b * 2 (INT64)."""

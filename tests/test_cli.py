@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests import models
 from tests.conftest import CLI
 
 COMMANDS = ["deploy", "list", "versions", "predict", "rollback", "undeploy", "daemon"]
@@ -116,6 +117,23 @@ def test_predict_input_mistakes(shared, affine_v1, tmp_path):
     assert "no previous version" in shared.fail("rollback", "inputs")
     assert "version 5 of 'inputs' not found" in shared.fail("rollback", "inputs", "--to", "5")
     shared.ok("undeploy", "inputs")
+
+
+def test_a_plain_mapping_may_name_an_input_inputs(shared, model_dir):
+    """{"inputs": [[...]]} for a model whose input is named "inputs" is a plain mapping
+    (it was taken for an OIP request: 'inputs[0] must be an object, got an array')."""
+    shared.json("deploy", models.keras_style(model_dir / "keras.onnx"), "--name", "keras")
+    try:
+        for flag in ([], ["--grpc"]):
+            answer = shared.json("predict", "keras", "-", *flag,
+                                 input='{"inputs": [[1, 2, 3, 4]]}')
+            assert answer["outputs"][0]["data"] == [2.0, 4.0, 6.0, 8.0], answer
+        oip = {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1, 4],
+                           "data": [1, 1, 1, 1]}]}
+        assert shared.json("predict", "keras", "-", input=json.dumps(oip))["outputs"][0][
+            "data"] == [2.0] * 4
+    finally:
+        shared.ok("undeploy", "keras")
 
 
 @pytest.mark.e2e

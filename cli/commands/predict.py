@@ -52,7 +52,7 @@ def predict(
         body = document
     else:
         path = base + "/infer"
-        body = document if "inputs" in document else _from_mapping(d, base, document, headers)
+        body = document if _is_oip(document) else _from_mapping(d, base, document, headers)
     status, _, payload = request_url(d["url"], "POST", path, json.dumps(body).encode(), headers,
                                      cafile=d.get("tls_cert"))
     _print(check(status, payload), json_out)
@@ -90,6 +90,13 @@ def _from_mapping(d: dict, base: str, mapping: dict, headers: dict) -> dict:
     status, _, payload = request_url(d["url"], "GET", base, headers=headers,
                                      cafile=d.get("tls_cert"))
     return _mapping_request(check(status, payload), mapping)
+
+
+def _is_oip(document: dict) -> bool:
+    """An Open Inference Protocol request ({"inputs": [{...}, ...]}), not a plain mapping
+    (which may name an input "inputs", as Keras and tf2onnx models often do)."""
+    inputs = document.get("inputs")
+    return isinstance(inputs, list) and all(isinstance(item, dict) for item in inputs)
 
 
 def _mapping_request(meta: dict, mapping: dict) -> dict:
@@ -137,7 +144,7 @@ def predict_grpc(d: dict, version: int | None, document: dict, token: str | None
     pinned = str(version) if version else ""
     with _grpc_channel(d) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        if "inputs" not in document:
+        if not _is_oip(document):
             from google.protobuf import json_format
 
             meta = _grpc_call(d, stub.ModelMetadata, pb.ModelMetadataRequest(
