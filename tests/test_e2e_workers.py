@@ -118,6 +118,9 @@ def test_two_processes_serve_one_deployment_and_figures_are_the_deployments(mser
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     writers = {line["id"].split("-")[0] for line in lines}
     assert writers == {f"{pid:x}" for pid in d["pids"]}, writers
+    # and one worker log, each line saying which process wrote it
+    worker_log = (mserve.home / "logs" / "pair.log").read_text()
+    assert all(f"mserve.worker[{pid}]: " in worker_log for pid in d["pids"]), worker_log
 
 
 def test_a_switch_under_load_fails_nothing_and_reaches_every_process(mserve, affine_v1,

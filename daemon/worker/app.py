@@ -161,5 +161,7 @@ def _int_header(headers: dict[str, str], key: str) -> int | None:
 
 
 def configure_logging() -> None:
+    """The worker log's lines; the pid tells a --workers group's processes apart (they
+    write one file)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
