@@ -79,9 +79,13 @@ def test_bad_usage_starts_no_daemon(tmp_path, affine_v1):
 
     fresh = Mserve(tmp_path / "home")
     try:
+        spaced = tmp_path / "my model.onnx"  # a name from it would be invalid: exit 2 too
+        spaced.write_bytes(affine_v1.read_bytes())
         for args in (["deploy", affine_v1, "--name", "Bad Name"],
-                     ["label", "x", "Bad!", "1"], ["logs", "x", "--since", "soon"]):
+                     ["label", "x", "Bad!", "1"], ["logs", "x", "--since", "soon"],
+                     ["deploy", spaced]):
             _usage(fresh.fail(*args, code=2))
+        assert "choose one with --name" in fresh.fail("deploy", spaced, code=2)
         assert fresh.daemon_pid() is None and not (tmp_path / "home" / "state.db").exists()
     finally:
         fresh.cleanup()

@@ -14,7 +14,8 @@ from mserve.cli.tokens import RequireTokenOption, TokenFileOption
 from mserve.daemon.errors import MserveError
 from mserve.daemon.paths import check_name
 from mserve.daemon.worker.devices import DEVICE
-from mserve.daemon.plan import MAX_THREADS, THREADS_HELP, WORKERS_HELP, parse_workers
+from mserve.daemon.plan import (MAX_THREADS, THREADS_HELP, WORKERS_HELP, default_name,
+                                parse_workers)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -113,6 +114,11 @@ def deploy(
     """
     if name is not None and (problem := check_name(name)):
         raise BadUsage(problem)
+    if name is None and Path(path).exists() \
+            and (problem := check_name(default_name(Path(path)))):
+        # the name would come from the file's: a usage mistake as a bad --name is
+        raise BadUsage(f"{problem} (taken from the file name '{Path(path).name}'); "
+                       "choose one with --name")
     try:
         count = parse_workers(workers) if workers is not None else None
     except ValueError as exc:
