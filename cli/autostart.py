@@ -39,13 +39,13 @@ def client(autostart: bool = True) -> DaemonClient:
 def start(paths: paths_mod.Paths) -> int:
     """Start the daemon in the background and wait until it answers; its pid. A folder
     another user could control is refused here, before any daemon starts."""
+    limit = start_timeout()  # a bad value refused before any daemon starts
     for folder in (paths.home, paths.logs, paths.socket.parent):
         paths_mod.ensure_private_dir(folder)
     with open(paths.daemon_log, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "mserve.daemon"], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     c = DaemonClient(str(paths.socket))
-    limit = start_timeout()
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:

@@ -53,6 +53,14 @@ def test_a_bad_number_in_the_environment_is_named_not_a_traceback(tmp_path, vari
         result = fresh.run("list", env={variable: value})
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("Error: ") and says in result.stderr, result.stderr
+        # and no daemon was left running: the CLI's own setting is read before it spawns
+        # one (a daemon was started, then left running past the test), and a daemon that
+        # reads a bad one of its own ends before it is ready
+        log = fresh.home / "logs" / "daemon.log"
+        if variable == "MSERVE_START_TIMEOUT":
+            assert not log.exists(), log.read_text()
+        else:
+            assert "daemon ready" not in log.read_text() and says in log.read_text()
         assert fresh.daemon_pid() is None
     finally:
         fresh.cleanup()
