@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mserve.daemon import faults
+from mserve.daemon.envnumbers import load_timeout
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError
 from mserve.daemon.paths import check_name
 from mserve.daemon.plan import (Plan, canary_percent, check_batching, check_same_place,
@@ -26,8 +27,7 @@ from mserve.daemon.plan import (Plan, canary_percent, check_batching, check_same
                                 input_changes, signature_changes)
 from mserve.daemon.supervisor import READY
 from mserve.daemon.views import size, user_words
-from mserve.daemon.workerconfig import (free_port, group_configs, load_timeout, store_tls,
-                                        used_ports)
+from mserve.daemon.workerconfig import free_port, group_configs, store_tls, used_ports
 
 if TYPE_CHECKING:
     from mserve.daemon.deployments import Deployments
@@ -149,10 +149,12 @@ class Deployer:
         it is not such a deploy."""
         canary = canary_percent(req, d)
         active, split = d["active_version"], d["traffic"] or {}
+        if canary is None or len(split) != 2:  # not a canary deploy, or no canary now
+            return None
         same = next((n for n in split if n != active
                      and (self.d.state.version(d["name"], n) or {}).get("sha256") == sha256),
                     None)
-        if canary is None or same is None or len(split) != 2:
+        if same is None:
             return None
         name, changed = d["name"], split[same] != canary
         if changed:

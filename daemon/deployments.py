@@ -23,6 +23,7 @@ from pathlib import Path
 from mserve.daemon import adoption, validation
 from mserve.daemon import state as st
 from mserve.daemon.deploy import Deployer
+from mserve.daemon.envnumbers import drain_timeout, load_timeout
 from mserve.daemon.errors import BadRequest, Conflict, DeployFailed, MserveError, NotFound
 from mserve.daemon.paths import Paths
 from mserve.daemon.plan import Plan
@@ -30,11 +31,10 @@ from mserve.daemon.state import State
 from mserve.daemon.store import Store
 from mserve.daemon.supervisor import READY, Supervisor
 from mserve.daemon.views import url_host, version_view
-from mserve.daemon.workerconfig import (claim_ports, drain_timeout, group_configs,
-                                        load_timeout, peer_sockets, worker_config)
+from mserve.daemon.workerconfig import claim_ports, group_configs, peer_sockets, worker_config
 from mserve.daemon.workergroup import worker_count
 
-__all__ = ["Deployments", "drain_timeout", "load_timeout"]
+__all__ = ["Deployments"]
 
 log = logging.getLogger("mserve.daemon")
 

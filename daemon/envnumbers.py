@@ -29,10 +29,21 @@ def number(name: str, default: float, minimum: float = 0.0, integer: bool = Fals
     return value
 
 
+def load_timeout() -> float:
+    """Seconds a version may take to load and warm up (the daemon's deploys)."""
+    return number("MSERVE_LOAD_TIMEOUT", 120.0)
+
+
+def drain_timeout() -> float:
+    """Seconds in-flight requests get when a worker or the daemon stops (the daemon, and
+    the CLI's `daemon stop` and `serve`)."""
+    return number("MSERVE_DRAIN_TIMEOUT", 30.0)
+
+
 def check_daemon_settings() -> None:
     """Read every number the daemon reads later, once at its start: a bad one stops the
     start with its name, not a deploy or a health check half-way."""
-    from mserve.daemon import healthcheck, workerconfig
+    from mserve.daemon import healthcheck
 
-    workerconfig.load_timeout(), workerconfig.drain_timeout()
+    load_timeout(), drain_timeout()
     healthcheck.interval_s(), healthcheck.timeout_s(), healthcheck.failures_allowed()

@@ -21,8 +21,8 @@ import uvicorn
 
 from mserve.daemon import paths as paths_mod
 from mserve.daemon.control import build_app
-from mserve.daemon.deployments import Deployments, drain_timeout
-from mserve.daemon.envnumbers import check_daemon_settings
+from mserve.daemon.deployments import Deployments
+from mserve.daemon.envnumbers import check_daemon_settings, drain_timeout
 from mserve.daemon.errors import MserveError
 from mserve.daemon.fdlimit import raise_fd_limit
 from mserve.daemon.statecheck import open_state, read_only_guard

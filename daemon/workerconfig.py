@@ -9,20 +9,13 @@ import secrets
 import socket
 from pathlib import Path
 
-from mserve.daemon import envnumbers, ports, workerrecord
+from mserve.daemon import ports, workerrecord
+from mserve.daemon.envnumbers import drain_timeout, load_timeout
 from mserve.daemon.errors import BadRequest, DeployFailed, MserveError
 from mserve.daemon.paths import Paths, ensure_private_dir
 from mserve.daemon.state import State
 from mserve.daemon.store import Store
 from mserve.daemon.workergroup import worker_count
-
-
-def load_timeout() -> float:
-    return envnumbers.number("MSERVE_LOAD_TIMEOUT", 120.0)
-
-
-def drain_timeout() -> float:
-    return envnumbers.number("MSERVE_DRAIN_TIMEOUT", 30.0)
 
 
 def respawn_daemon() -> bool:

@@ -98,7 +98,7 @@ def stop(
 
 
 def _wait_gone(pid: int, paths: paths_mod.Paths) -> None:
-    deadline = time.monotonic() + envnumbers.number("MSERVE_DRAIN_TIMEOUT", 30.0) + 15
+    deadline = time.monotonic() + envnumbers.drain_timeout() + 15
     while time.monotonic() < deadline:
         if not workerrecord.running(pid):  # a zombie has exited: its parent may reap it late
             return

@@ -111,7 +111,7 @@ def serve(
     config = {"name": name, "host": host, "port": port, "standalone": True,
               "token_hash": hash_token(token),
               "options": options, "bind_retry_s": 0,
-              "drain_s": envnumbers.number("MSERVE_DRAIN_TIMEOUT", 30.0),
+              "drain_s": envnumbers.drain_timeout(),
               "drain_grace_s": drain_grace,
               "versions": [{"number": number, "path": str(model.absolute()), "active": True,
                             "transformer": _script(transformer)}]}
