@@ -60,61 +60,53 @@ def parse_since(text: str) -> float:
     return float(m.group(1)) * UNITS[m.group(2)]
 
 
-def tail_text(path: Path, lines: int, follow: bool) -> None:
-    try:
-        f = open(path, errors="replace")
-    except FileNotFoundError:
-        raise MserveError(f"no log yet at {path}") from None
-    with f:
-        for line in deque(f, maxlen=lines):
-            sys.stdout.write(line)
-        sys.stdout.flush()
-        while follow:
-            line = f.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.2)
-
-
 # the daemon log's lines: "2026-12-03 05:54:02,270 INFO mserve.daemon: message"
 LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) (\w+) ([\w.]+): (.*)")
 
 
 def daemon_log(path: Path, lines: int, follow: bool, as_json: bool,
                window: float | None = None) -> None:
-    """The daemon log as text, or (``as_json``) as entries {time (UTC), level, logger,
-    message}; a line of another shape (a traceback's, a starting daemon's 'Error:') is an
-    entry of its own with level and logger null. ``window``: only entries that new."""
-    if not as_json and window is None:
-        tail_text(path, lines, follow)
-        return
+    """The daemon log's last ``lines`` lines (0: all) as text, or (``as_json``) as entries
+    {time (UTC), level, logger, message}; a line of another shape (a traceback's, a starting
+    daemon's 'Error:') is an entry of its own with level and logger null. ``window``: only
+    lines that new. One pass over the file, then (``follow``) what is written to it."""
     try:
-        text = path.read_text(errors="replace")
+        f = open(path, errors="replace")
     except FileNotFoundError:
         raise MserveError(f"no log yet at {path}") from None
     cutoff = time.time() - window if window is not None else None
-    entries = [(line, e) for line in text.splitlines() if (e := log_entry(line))
-               and (cutoff is None or (e["time"] is not None and _epoch(e["time"]) >= cutoff))]
-    entries = entries[-lines:] if lines else entries
-    if as_json and not follow:
-        emit_json([e for _, e in entries])
-        return
-    for line, e in entries:
-        sys.stdout.write(json.dumps(e) + "\n" if as_json else line + "\n")
-    sys.stdout.flush()
-    if follow:
-        with open(path, errors="replace") as f:
-            f.seek(0, 2)
-            while True:
-                line = f.readline()
-                if not line:
-                    time.sleep(0.2)
-                    continue
-                e = log_entry(line.rstrip("\n"))
-                sys.stdout.write(json.dumps(e) + "\n" if as_json else line)
+
+    def newer(line: str) -> bool:
+        stamp = log_entry(line.rstrip("\n"))["time"]
+        return stamp is not None and _epoch(stamp) >= cutoff
+
+    def shown(line: str) -> str:
+        return json.dumps(log_entry(line.rstrip("\n"))) + "\n" if as_json else line
+
+    with f:
+        last = deque((line for line in f if cutoff is None or newer(line)),
+                     maxlen=lines or None)
+        if as_json and not follow:
+            emit_json([log_entry(line.rstrip("\n")) for line in last])
+            return
+        for line in last:
+            sys.stdout.write(shown(line))
+        sys.stdout.flush()
+        if follow:
+            for line in _appended(f):
+                sys.stdout.write(shown(line))
                 sys.stdout.flush()
+
+
+def _appended(f):
+    """The lines written to the open file ``f`` from where it stands, as they come (until
+    interrupted): what ``-f`` prints."""
+    while True:
+        line = f.readline()
+        if line:
+            yield line
+        else:
+            time.sleep(0.2)
 
 
 def log_entry(line: str) -> dict:
@@ -158,11 +150,7 @@ def _print(e: dict, as_json: bool) -> None:
 def _follow(path: Path, as_json: bool) -> None:
     with open(path, errors="replace") as f:
         f.seek(0, 2)
-        while True:
-            line = f.readline()
-            if not line:
-                time.sleep(0.2)
-                continue
+        for line in _appended(f):
             try:
                 _print(json.loads(line), as_json)
             except ValueError:
