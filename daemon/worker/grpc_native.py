@@ -42,7 +42,7 @@ HIDDEN = frozenset({b"te", b"content-type", b"grpc-timeout", b"grpc-encoding",
 UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 TIMEOUT = re.compile(r"(\d{1,8})([HMSmun])")
 RESPONSE = h2headers.headers_block(200, [(b"content-type", b"application/grpc"),
-                                  (b"grpc-accept-encoding", b"identity,deflate,gzip")])
+                                         (b"grpc-accept-encoding", b"identity,deflate,gzip")])
 _LENGTH = struct.Struct(">I")
 
 
@@ -243,7 +243,8 @@ class Call:
         if self.sent_headers:
             block = b"".join(h2headers.literal(k, v) for k, v in fields)
         else:  # trailers-only
-            block = h2headers.headers_block(200, [(b"content-type", b"application/grpc"), *fields])
+            block = h2headers.headers_block(200, [(b"content-type", b"application/grpc"),
+                                                  *fields])
         self.conn.send(self.stream, [(h2.HEADERS, block, True)])
 
 
@@ -315,8 +316,8 @@ class NativeServer:
         handler = self._handler(headers.get(b":path", b""))
         if handler is None:
             block = h2headers.headers_block(200, [(b"content-type", b"application/grpc"),
-                                           (b"grpc-status", b"12"),
-                                           (b"grpc-message", b"Method not found!")])
+                                                  (b"grpc-status", b"12"),
+                                                  (b"grpc-message", b"Method not found!")])
             conn.send(stream, [(h2.HEADERS, block, True)])
             return _Gone()
         call = Call(self, conn, stream, handler, headers, tuple(metadata))

@@ -13,9 +13,10 @@ ways (sends wait for the peer's WINDOW_UPDATE and are split at its frame size; r
 bytes are given back as they are consumed), RST_STREAM both ways, GOAWAY both ways, a cap on
 concurrent streams (REFUSED_STREAM past it), back-pressure (reading pauses while the
 transport's write buffer is full), a deadline for the client preface, and a bound on how fast
-a peer may reset streams (the "rapid reset" attack: ENHANCE_YOUR_CALM). No server push, no
-priorities (ignored, as RFC 9113 allows), no h2c upgrade (gRPC clients start with the preface). A protocol error ends the
-connection with GOAWAY and the error code.
+a peer may reset streams (the "rapid reset" attack: ENHANCE_YOUR_CALM), and a graceful end:
+GOAWAY in two steps (with a PING between), then a half-close once the last stream is done.
+No server push, no priorities (ignored, as RFC 9113 allows), no h2c upgrade (gRPC clients
+start with the preface). A protocol error ends the connection with GOAWAY and the error code.
 
 Frames are written by h2frames.py, header blocks coded by h2headers.py (HPACK, with a
 cache), and what we send waits for the peer's windows in h2send.py.
@@ -34,12 +35,12 @@ from mserve.daemon.worker.h2frames import (ACK, COMPRESSION_ERROR, CONTINUATION,
                                            PRIORITY_FLAG, PROTOCOL_ERROR, PUSH_PROMISE,
                                            REFUSED_STREAM, RST_STREAM, S_FRAME, S_HEADER_LIST,
                                            S_PUSH, S_STREAMS, S_WINDOW, SETTINGS,
-                                           WINDOW_UPDATE, ProtocolError, frame, unpad)
+                                           U32, WINDOW_UPDATE, ProtocolError, frame,
+                                           unpad)
 from mserve.daemon.worker.h2headers import MAX_HEADER_BLOCK, BadHeaderBlock, HeaderDecoder
 from mserve.daemon.worker.h2send import Outbox, Stream
 
 __all__ = ["Connection", "Stream", "DATA", "HEADERS", "ProtocolError"]
-_HEADER = struct.Struct(">I")
 
 MAX_FRAME = 1 << 20  # the largest frame we take (advertised)
 STREAM_WINDOW = 1 << 20  # each stream's receive window (advertised)
@@ -95,7 +96,7 @@ class Connection(asyncio.Protocol):
             (S_PUSH, 0), (S_STREAMS, self.max_streams), (S_WINDOW, STREAM_WINDOW),
             (S_FRAME, MAX_FRAME), (S_HEADER_LIST, MAX_HEADER_BLOCK)))
         transport.write(frame(SETTINGS, 0, 0, settings)
-                        + frame(WINDOW_UPDATE, 0, 0, _HEADER.pack(CONNECTION_WINDOW - 65535)))
+                        + frame(WINDOW_UPDATE, 0, 0, U32.pack(CONNECTION_WINDOW - 65535)))
 
     def connection_lost(self, exc) -> None:
         self.preface_due.cancel()
@@ -139,7 +140,7 @@ class Connection(asyncio.Protocol):
                 if end - pos - 9 < length:
                     break
                 kind, flags = buf[pos + 3], buf[pos + 4]
-                stream_id = _HEADER.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
+                stream_id = U32.unpack_from(buf, pos + 5)[0] & 0x7FFFFFFF
                 payload = bytes(buf[pos + 9:pos + 9 + length])
                 pos += 9 + length
                 self._frame(kind, flags, stream_id, payload)
@@ -264,7 +265,7 @@ class Connection(asyncio.Protocol):
             return  # a stream already closed
         self.last_stream = stream_id
         if self.going_away or len(self.streams) >= self.max_streams:
-            self.transport.write(frame(RST_STREAM, 0, stream_id, _HEADER.pack(REFUSED_STREAM)))
+            self.transport.write(frame(RST_STREAM, 0, stream_id, U32.pack(REFUSED_STREAM)))
             return
         stream = Stream(stream_id, self.out.initial_window)
         stream.ended_remote = end
@@ -296,7 +297,7 @@ class Connection(asyncio.Protocol):
     def _window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
             raise ProtocolError(FRAME_SIZE_ERROR, "a malformed WINDOW_UPDATE")
-        increment = _HEADER.unpack(payload)[0] & 0x7FFFFFFF
+        increment = U32.unpack(payload)[0] & 0x7FFFFFFF
         if stream_id == 0:
             self.out.window += increment
             self.out.flush_all(self.streams.values())
@@ -309,11 +310,11 @@ class Connection(asyncio.Protocol):
         holds itself: message size, byte budget)."""
         updates = []
         if self.received >= CONNECTION_WINDOW // 4:
-            updates.append(frame(WINDOW_UPDATE, 0, 0, _HEADER.pack(self.received)))
+            updates.append(frame(WINDOW_UPDATE, 0, 0, U32.pack(self.received)))
             self.received = 0
         for stream in self.streams.values():
             if stream.unacked >= STREAM_WINDOW // 4 and not stream.ended_remote:
-                updates.append(frame(WINDOW_UPDATE, 0, stream.id, _HEADER.pack(stream.unacked)))
+                updates.append(frame(WINDOW_UPDATE, 0, stream.id, U32.pack(stream.unacked)))
                 stream.unacked = 0
         if updates:
             self.transport.write(b"".join(updates))
@@ -342,8 +343,8 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing() or self.going_away \
                 or self.goaway_due is not None:
             return
-        self.transport.write(frame(GOAWAY, 0, 0, _HEADER.pack(0x7FFFFFFF)
-                                   + _HEADER.pack(NO_ERROR)) + frame(PING, 0, 0, GOAWAY_PING))
+        self.transport.write(frame(GOAWAY, 0, 0, U32.pack(0x7FFFFFFF)
+                                   + U32.pack(NO_ERROR)) + frame(PING, 0, 0, GOAWAY_PING))
         self.goaway_due = asyncio.get_running_loop().call_later(GOAWAY_WAIT_S, self._last_goaway)
 
     def _last_goaway(self) -> None:
@@ -352,8 +353,8 @@ class Connection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing() or self.going_away:
             return
         self.going_away = True
-        self.transport.write(frame(GOAWAY, 0, 0, _HEADER.pack(self.last_stream)
-                                   + _HEADER.pack(NO_ERROR)))
+        self.transport.write(frame(GOAWAY, 0, 0, U32.pack(self.last_stream)
+                                   + U32.pack(NO_ERROR)))
         if not self.streams:
             self._end()
 
@@ -376,8 +377,8 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and self.ended:
             self.transport.close()
         elif self.transport is not None and not self.transport.is_closing():
-            self.transport.write(frame(GOAWAY, 0, 0, _HEADER.pack(self.last_stream)
-                                       + _HEADER.pack(code)))
+            self.transport.write(frame(GOAWAY, 0, 0, U32.pack(self.last_stream)
+                                       + U32.pack(code)))
             self.transport.close()
 
 

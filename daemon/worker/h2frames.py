@@ -15,7 +15,7 @@ FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR = 0x6, 0x7, 0x9
 ENHANCE_YOUR_CALM = 0xB
 S_TABLE, S_PUSH, S_STREAMS, S_WINDOW, S_FRAME, S_HEADER_LIST = 1, 2, 3, 4, 5, 6
 
-_HEADER = struct.Struct(">I")
+U32 = struct.Struct(">I")  # a stream id, a window increment, an error code
 
 
 class ProtocolError(Exception):
@@ -26,7 +26,7 @@ class ProtocolError(Exception):
 
 def frame(kind: int, flags: int, stream: int, payload=b"") -> bytes:
     return (len(payload).to_bytes(3, "big") + bytes((kind, flags))
-            + _HEADER.pack(stream) + bytes(payload))
+            + U32.pack(stream) + bytes(payload))
 
 
 def unpad(payload: bytes) -> bytes:
