@@ -32,12 +32,12 @@ def http(sock: socket.socket, method: str, path: str, body: bytes | None = None,
         while chunk := sock.recv(1 << 16):
             chunks.append(chunk)
     raw = b"".join(chunks)
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
     if not raw:  # the daemon went away mid-command: killed, or stopped
         raise MserveError("the daemon closed the connection before answering (was it "
                           "stopped or killed?); the command may not have finished",
                           hint="see 'mserve daemon logs', then check with 'mserve list'")
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
     if not status_line.startswith("HTTP/"):
         raise MserveError("the server sent a malformed answer")
     answer_headers = {}

@@ -89,8 +89,6 @@ def _click_exceptions():
         from typer._click import exceptions
     except ImportError:
         from click import exceptions
-    if not hasattr(exceptions, "NoArgsIsHelpError"):  # Click before 8.2
-        exceptions.NoArgsIsHelpError = type("NoArgsIsHelpError", (Exception,), {})
     return exceptions
 
 
@@ -98,12 +96,13 @@ def run() -> None:
     """Console entry point: user errors become one 'Error:' line and exit 1 (2 for bad
     usage, see ``render.BadUsage``)."""
     click = _click_exceptions()
+    no_args = getattr(click, "NoArgsIsHelpError", ())  # Click before 8.2 prints help itself
     command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in COMMANDS else None
     try:
         # not standalone: Click's own usage errors come here to be said as ours are, one
         # 'Error:' line (Typer draws them in a box, with a usage line, even into a pipe)
         code = build(command)(standalone_mode=False, prog_name="mserve")
-    except click.NoArgsIsHelpError as exc:  # `mserve daemon`: its help, exit 2
+    except no_args as exc:  # `mserve daemon`: its help, exit 2
         if text := exc.format_message().strip():  # (Typer's rich help printed it already)
             sys.stderr.write(text + "\n")
         sys.exit(2)

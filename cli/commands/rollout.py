@@ -49,9 +49,10 @@ def parse_split(pairs: list[str]) -> dict[str, int]:
         version, sep, percent = pair.partition("=")
         if not sep or not version.isdigit() or not percent.isdigit():
             raise BadUsage(f"'{pair}' is not VERSION=PERCENT (e.g. 4=10)")
-        if str(int(version)) in split:
-            raise BadUsage(f"version {int(version)} is named twice in the split")
-        split[str(int(version))] = int(percent)
+        version = str(int(version))  # 01 is 1
+        if version in split:
+            raise BadUsage(f"version {version} is named twice in the split")
+        split[version] = int(percent)
     return split
 
 
