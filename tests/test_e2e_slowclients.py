@@ -140,6 +140,24 @@ def test_a_body_trickled_a_byte_at_a_time_gets_408_at_the_body_deadline(quick):
         conn.close()
 
 
+def test_a_body_that_goes_silent_gets_408_not_a_silent_close(shared, affine_v1):
+    """SPEC: 408 when headers or body do not arrive in time. With the default 60 s body
+    deadline, a body that stops for the keep-alive idle time (5 s) was closed unanswered."""
+    d = shared.json("deploy", affine_v1, "--name", "silent")["deployment"]
+    conn = socket.create_connection(("127.0.0.1", d["port"]), timeout=10)
+    try:
+        conn.sendall(b"POST /v2/models/silent/infer HTTP/1.1\r\nhost: x\r\n"
+                     b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"in")
+        started = time.monotonic()
+        status, headers, body = answer(conn)
+        assert status == 408 and headers["connection"] == "close", body
+        assert b"the request body stopped arriving (nothing for 5 s)" in body, body
+        assert 4.5 < time.monotonic() - started < 8
+    finally:
+        conn.close()
+        shared.ok("undeploy", "silent")
+
+
 def test_an_idle_keep_alive_connection_is_not_held_to_the_header_deadline(quick):
     """Between requests the keep-alive idle time (5 s) applies, not the 1 s header deadline."""
     conn = connect(quick)
